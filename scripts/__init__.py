@@ -1,0 +1,1 @@
+"""Python package of the cranial_implant_pcdiff MONAI bundle (imported by configs as `$scripts...`)."""

@@ -1,0 +1,1 @@
+"""data package of the cranial_implant_pcdiff bundle."""

@@ -1,0 +1,1 @@
+"""diffusion package of the cranial_implant_pcdiff bundle."""

@@ -1,0 +1,1 @@
+"""networks package of the cranial_implant_pcdiff bundle."""
