@@ -1,0 +1,155 @@
+"""Conditional Gaussian diffusion for point-cloud completion (PVD / PCDiff style).
+
+A cloud x (B, 3, N) holds the known condition points first (``num_condition`` of them), then
+the generated points. Only the generated points are noised, denoised and scored; the condition
+is fed un-noised to the network at every training and sampling step.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from scripts.diffusion.samplers import ddim_loop, ddpm_loop, dpmpp_2m_loop
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm: always T
+DEFAULT_SPACING = {"ddim": "trailing", "dpmpp_2m": "linspace"}
+
+
+def _check_cloud(x: torch.Tensor, name: str) -> None:
+    if x.ndim != 3 or x.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, N), got {tuple(x.shape)}")
+
+
+class ConditionalDiffusion:
+    """Epsilon-prediction diffusion with fixed-small posterior variance on the generated points.
+
+    Args:
+        num_train_timesteps: T (1000 in the paper).
+        beta_start, beta_end: ends of the linear beta schedule (1e-4 .. 0.02 in the paper).
+
+    The model is any callable ``model(x (B, 3, N), t (B,) long) -> eps (B, 3, N)``.
+    ``last_model_calls`` holds the number of network calls of the latest ``sample`` call.
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+    ) -> None:
+        common = dict(
+            num_train_timesteps=num_train_timesteps,
+            schedule="linear_beta",
+            beta_start=beta_start,
+            beta_end=beta_end,
+            clip_sample=False,  # PVD / PCDiff never clip the x0 prediction
+            prediction_type="epsilon",
+        )
+        self.ddpm = DDPMScheduler(variance_type="fixed_small", **common)
+        self.ddim = DDIMScheduler(set_alpha_to_one=True, **common)
+        self.last_model_calls = 0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.ddpm.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float32 cumulative product of (1 - beta)."""
+        return self.ddpm.alphas_cumprod
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, num_condition: int) -> torch.Tensor:
+        """Noise the generated part of x0 (B, 3, N) to timesteps t (B,) with noise (B, 3, N - num_condition).
+
+        Returns (B, 3, N) with x0[:, :, :num_condition] unchanged.
+        """
+        _check_cloud(x0, "x0")
+        target = x0[:, :, num_condition:]
+        if noise.shape != target.shape:
+            raise ValueError(f"noise must have the target shape {tuple(target.shape)}, got {tuple(noise.shape)}")
+        noisy = self.ddpm.add_noise(target, noise, t)
+        return torch.cat([x0[:, :, :num_condition], noisy], dim=2)
+
+    def training_loss(
+        self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """MSE between true and predicted noise on the generated points; t ~ U{0..T-1} per sample.
+
+        x0: (B, 3, N) clean cloud, condition first. Returns a scalar.
+        """
+        _check_cloud(x0, "x0")
+        b, _, n = x0.shape
+        if not 0 <= num_condition < n:
+            raise ValueError(f"num_condition must be in [0, {n}) for clouds of {n} points, got {num_condition}")
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(
+            (b, 3, n - num_condition), generator=generator, device=x0.device, dtype=x0.dtype
+        )
+        eps = model(self.q_sample(x0, t, noise, num_condition), t)
+        return torch.nn.functional.mse_loss(eps[:, :, num_condition:], noise)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model,
+        condition: torch.Tensor,
+        num_target: int,
+        sampler: str = "ddim",
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        eta: float = 0.0,
+        spacing: str | None = None,
+    ) -> torch.Tensor:
+        """Complete the condition (B, 3, Nc) with num_target generated points -> (B, 3, Nc + num_target).
+
+        sampler: "ddpm" (all T ancestral steps; steps must be None or T), "ddim" (``steps``
+        network calls, default 50; ``spacing`` "trailing" (default) or "leading"; ``eta`` > 0 adds
+        noise) or "dpmpp_2m" (DPM-Solver++ 2M, ``steps`` calls, default 20; ``spacing`` "linspace"
+        (default) or "logsnr"). The generated part starts from N(0, I) drawn from ``generator`` (on
+        the condition's device). Put the model in eval mode first.
+        """
+        _check_cloud(condition, "condition")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if num_target < 1:
+            raise ValueError(f"num_target must be >= 1, got {num_target}")
+        b, _, nc = condition.shape
+        calls = 0
+
+        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            t_batch = torch.full((b,), t, dtype=torch.long, device=x.device)
+            return model(torch.cat([condition, x], dim=2), t_batch)[:, :, nc:]
+
+        x = torch.randn(
+            (b, 3, num_target), generator=generator, device=condition.device, dtype=condition.dtype
+        )
+        steps = DEFAULT_STEPS.get(sampler, self.num_timesteps) if steps is None else steps
+        spacing = DEFAULT_SPACING.get(sampler) if spacing is None else spacing
+        if sampler == "ddpm":
+            if steps != self.num_timesteps:
+                raise ValueError(f"ddpm runs all {self.num_timesteps} steps; got steps={steps} (use ddim/dpmpp_2m)")
+            x = ddpm_loop(eps_fn, x, self.ddpm, generator, progress)
+        elif sampler == "ddim":
+            x = ddim_loop(eps_fn, x, self.ddim, steps, spacing, eta, generator, progress)
+        else:
+            x = dpmpp_2m_loop(eps_fn, x, self.alphas_cumprod, steps, spacing, progress)
+        self.last_model_calls = calls
+        return torch.cat([condition, x], dim=2)
+
+    def sample_ensemble(self, model, condition: torch.Tensor, n: int, num_target: int, **kwargs) -> torch.Tensor:
+        """n completions of one case in one batch: condition (1, 3, Nc) or (3, Nc) -> (n, 3, Nc + num_target).
+
+        kwargs go to ``sample``.
+        """
+        if condition.ndim == 2:
+            condition = condition.unsqueeze(0)
+        if condition.ndim != 3 or condition.shape[0] != 1:
+            raise ValueError(f"condition must have shape (1, 3, Nc) or (3, Nc), got {tuple(condition.shape)}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        return self.sample(model, condition.expand(n, -1, -1), num_target, **kwargs)
