@@ -1,0 +1,214 @@
+"""Binary-mask I/O for .nrrd / .nii / .nii.gz with validation and atomic, geometry-preserving writes.
+
+Conventions: a loaded mask is a MONAI ``MetaTensor`` of shape (1, X, Y, Z), dtype uint8, values
+{0, 1}, whose ``affine`` is the 4x4 RAS voxel-to-mm matrix as MONAI reports it. Masks stored as
+{0, 255} (a common export convention) are accepted and mapped to {0, 1}; any other value set is
+rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import torch
+from monai.data import ITKWriter, MetaTensor, NibabelWriter
+from monai.data.utils import affine_to_spacing
+from monai.transforms import LoadImage, MapTransform
+
+__all__ = [
+    "MASK_SUFFIXES",
+    "MaskError",
+    "mask_suffix",
+    "read_header_geometry",
+    "mask_spacing",
+    "is_isotropic",
+    "validate_mask",
+    "ValidateMaskd",
+    "load_mask",
+    "save_mask",
+]
+
+MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii")
+
+
+class MaskError(ValueError):
+    """A mask file or array is unusable; the message names the file (or array) and the problem."""
+
+
+def mask_suffix(path: str | os.PathLike) -> str:
+    """Return the supported suffix of ``path`` ('.nrrd', '.nii.gz' or '.nii'), else raise MaskError."""
+    name = Path(path).name.lower()
+    for suffix in MASK_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise MaskError(f"{path}: unsupported file type, expected one of {', '.join(MASK_SUFFIXES)}")
+
+
+def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """Read (shape, spacing in mm) from the file header only, without loading voxels.
+
+    Spacing is None when the header stores no spatial geometry (NRRD without 'space directions').
+    Raises MaskError for missing/unreadable files.
+    """
+    path = Path(path)
+    suffix = mask_suffix(path)
+    if not path.is_file():
+        raise MaskError(f"{path}: file not found")
+    try:
+        if suffix == ".nrrd":
+            header = nrrd.read_header(str(path))
+            shape = tuple(int(s) for s in header["sizes"])
+            directions = header.get("space directions")
+            if directions is None:
+                return shape, None
+            # rows of non-spatial axes (e.g. a channel axis) are NaN in pynrrd
+            spacing = tuple(float(np.linalg.norm(row)) for row in np.asarray(directions, dtype=float))
+            return shape, spacing
+        header = nib.load(str(path)).header
+        shape = tuple(int(s) for s in header.get_data_shape())
+        return shape, tuple(float(z) for z in header.get_zooms()[: len(shape)])
+    except Exception as err:  # pynrrd / nibabel raise many types for corrupt or non-image files
+        raise MaskError(f"{path}: not a readable {suffix} image ({type(err).__name__}: {err})") from err
+
+
+def mask_spacing(img: MetaTensor) -> np.ndarray:
+    """Voxel spacing in mm, shape (3,), from the MetaTensor's affine."""
+    return np.asarray(affine_to_spacing(torch.as_tensor(img.affine), r=3, suppress_zeros=False), dtype=np.float64)
+
+
+def is_isotropic(img: MetaTensor, tol: float = 1e-3) -> bool:
+    """True if the spacings differ by at most ``tol`` relative to the largest spacing."""
+    spacing = mask_spacing(img)
+    return bool(np.ptp(spacing) <= tol * spacing.max())
+
+
+def _check_spacing(spacing: Sequence[float] | None, name: str) -> None:
+    if spacing is None:
+        raise MaskError(f"{name}: no voxel spacing in the header (NRRD 'space directions' missing)")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise MaskError(f"{name}: missing or non-positive voxel spacing {spacing.tolist()}")
+
+
+def validate_mask(img: MetaTensor, name: str | None = None) -> MetaTensor:
+    """Check a loaded mask and return it as (1, X, Y, Z) uint8 with values {0, 1}.
+
+    Args:
+        img: channel-first MetaTensor (1, X, Y, Z), e.g. from LoadImage(ensure_channel_first=True).
+        name: used in error messages; defaults to the file name in ``img.meta``.
+    Raises:
+        MaskError: not 3D / several channels, empty, non-binary values, bad spacing.
+    """
+    if name is None:
+        name = str(getattr(img, "meta", {}).get("filename_or_obj", "<mask array>"))
+    if not isinstance(img, MetaTensor):
+        raise MaskError(f"{name}: expected a MONAI MetaTensor with an affine, got {type(img).__name__}")
+    if img.ndim != 4:
+        raise MaskError(f"{name}: expected a 3D volume (1, X, Y, Z), got {img.ndim - 1}D data {tuple(img.shape)}")
+    if img.shape[0] != 1:
+        raise MaskError(f"{name}: expected a single 3D volume, got 4D data with {img.shape[0]} volumes")
+    _check_spacing(mask_spacing(img), name)
+    data = img.as_tensor()
+    if not bool(data.any()):
+        raise MaskError(f"{name}: empty mask (all voxels are 0)")
+    zero = data == 0
+    if bool((zero | (data == 1)).all()):
+        return img.to(torch.uint8)
+    if bool((zero | (data == 255)).all()):
+        return (img > 0).to(torch.uint8)
+    values = torch.unique(data).tolist()  # only on failure: sorting a 512^3 volume is slow
+    shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
+    raise MaskError(f"{name}: not a binary mask, values {{{shown}}} (expected {{0, 1}} or {{0, 255}})")
+
+
+class ValidateMaskd(MapTransform):
+    """Dictionary version of :func:`validate_mask`, for use after LoadImaged + EnsureChannelFirstd."""
+
+    def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = validate_mask(d[key])
+        return d
+
+
+def load_mask(path: str | os.PathLike) -> MetaTensor:
+    """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine.
+
+    The header is checked first (cheap, and gives clear messages for 2D/4D data and missing
+    spacing, which would otherwise surface as opaque reader errors).
+    """
+    path = Path(path)
+    shape, spacing = read_header_geometry(path)
+    if len(shape) != 3:
+        raise MaskError(f"{path}: expected a 3D volume, got {len(shape)}D data of shape {shape}")
+    _check_spacing(spacing, str(path))
+    try:
+        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+    except Exception as err:  # readers raise RuntimeError/ValueError/OSError/... for corrupt data
+        raise MaskError(f"{path}: cannot read image data ({type(err).__name__}: {err})") from err
+    return validate_mask(img, str(path))
+
+
+def save_mask(
+    path: str | os.PathLike,
+    array: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor | None = None,
+    reference: MetaTensor | None = None,
+    dtype: np.dtype | type = np.uint8,
+    overwrite: bool = False,
+) -> Path:
+    """Atomically write a (X, Y, Z) or (1, X, Y, Z) volume with a 4x4 RAS affine.
+
+    The writer is chosen by suffix: .nrrd -> ITKWriter (gzip), .nii/.nii.gz -> NibabelWriter.
+    Data goes to a temporary file with the same suffix in the target folder which is then
+    renamed over ``path`` (os.replace), so readers never see a partial file.
+
+    Args:
+        path: output file (.nrrd, .nii or .nii.gz).
+        array: volume (X, Y, Z) or (1, X, Y, Z); numpy or torch.
+        affine: 4x4 RAS voxel-to-mm matrix; if None, ``reference.affine`` is used.
+        reference: MetaTensor whose affine is used when ``affine`` is None.
+        dtype: on-disk dtype, e.g. np.uint8 for masks, np.float32 for variance maps.
+        overwrite: replace an existing file instead of raising FileExistsError.
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    suffix = mask_suffix(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: file exists (pass overwrite=True to replace it)")
+    if affine is None:
+        if reference is None:
+            raise ValueError(f"{path}: save_mask needs an affine or a reference MetaTensor")
+        affine = reference.affine
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu(), dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: affine must be a finite, invertible 4x4 matrix, got\n{affine}")
+    data = np.asarray(torch.as_tensor(array).detach().cpu())
+    if data.ndim == 4 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected an array (X, Y, Z) or (1, X, Y, Z), got shape {data.shape}")
+
+    writer = ITKWriter(output_dtype=dtype) if suffix == ".nrrd" else NibabelWriter(output_dtype=dtype)
+    writer.set_data_array(data.astype(dtype, copy=False), channel_dim=None)
+    writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".nrrd":
+            writer.write(tmp, compression=True)
+        else:
+            writer.write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
