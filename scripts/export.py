@@ -1,0 +1,256 @@
+"""Export of implant masks: STL surface meshes in scanner millimetres and a preview PNG.
+
+Meshes: marching cubes on the (optionally Gaussian-smoothed) mask, vertices mapped through the MONAI
+voxel-to-RAS affine and written in LPS by default. 3D Slicer (since 4.11, 2020) assumes LPS for mesh
+files and reads the coordinate system from a ``SPACE=LPS`` / ``SPACE=RAS`` tag in the file header,
+which :func:`write_stl` writes; a mesh exported here therefore overlays the input image in Slicer.
+Faces are wound counter-clockwise seen from outside (outward normals, positive signed volume).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from monai.utils import convert_to_numpy
+from scipy import ndimage
+from skimage.measure import marching_cubes
+
+__all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "save_preview"]
+
+COORDINATE_SYSTEMS = ("LPS", "RAS")
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+# binary STL record: normal, 3 vertices (float32 little endian), 16-bit attribute; 50 bytes, no padding
+_STL_RECORD = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool) -> Path:
+    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path`` (os.replace)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: file exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _mask3d(x, name: str) -> np.ndarray:
+    """(X, Y, Z) or (1, X, Y, Z) numpy/torch -> bool (X, Y, Z)."""
+    a = convert_to_numpy(x)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected an (X, Y, Z) or (1, X, Y, Z) volume, got shape {tuple(a.shape)}.")
+    return a != 0
+
+
+def _check_coordinate_system(coordinate_system: str) -> str:
+    if coordinate_system not in COORDINATE_SYSTEMS:
+        raise ValueError(f"coordinate_system: expected one of {COORDINATE_SYSTEMS}, got {coordinate_system!r}.")
+    return coordinate_system
+
+
+def mask_to_mesh(
+    mask, affine, smooth: float = 0.5, step_size: int = 1, coordinate_system: str = "LPS"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Closed triangle surface of a binary mask in millimetres.
+
+    Args:
+        mask: (X, Y, Z) or (1, X, Y, Z) binary volume; must not be empty.
+        affine: 4x4 voxel-index -> RAS mm matrix, as MONAI reports it (``img.affine``).
+        smooth: Gaussian sigma in voxels applied to the mask before marching cubes at level 0.5
+            (reduces staircase artefacts; 0 disables). Keep it <= ~1 so 1-2 voxel thin parts survive.
+        step_size: marching-cubes step in voxels (> 1 gives a coarser, smaller mesh).
+        coordinate_system: "LPS" (Slicer's default for mesh files) or "RAS".
+    Returns:
+        verts: float64 (V, 3) in mm, faces: int64 (F, 3) vertex indices with outward normals.
+    """
+    m = _mask3d(mask, "mask")
+    a = np.asarray(convert_to_numpy(affine), dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"affine: expected a finite, invertible 4x4 matrix, got\n{a}")
+    _check_coordinate_system(coordinate_system)
+    if smooth < 0:
+        raise ValueError(f"smooth: must be >= 0, got {smooth}.")
+    boxes = ndimage.find_objects(m.view(np.uint8))
+    if not boxes:
+        raise ValueError("mask: empty (no foreground voxels), cannot build a surface mesh.")
+    # crop to the bounding box and pad with zeros so the surface is closed where the mask touches
+    # the volume border and the blur has room
+    pad = math.ceil(3 * smooth) + 1
+    field = np.pad(m[boxes[0]], pad).astype(np.float32)
+    if smooth > 0:
+        field = ndimage.gaussian_filter(field, smooth)
+    # 'ascent' winds faces counter-clockwise around the gradient towards the inside, i.e. outward
+    # normals in index space (the default 'descent' points them inwards)
+    verts, faces, _, _ = marching_cubes(field, level=0.5, step_size=step_size, gradient_direction="ascent")
+    verts = verts.astype(np.float64) + np.array([s.start - pad for s in boxes[0]], dtype=np.float64)
+    linear = a[:3, :3] if coordinate_system == "RAS" else _RAS_TO_LPS @ a[:3, :3]
+    offset = a[:3, 3] if coordinate_system == "RAS" else _RAS_TO_LPS @ a[:3, 3]
+    verts = verts @ linear.T + offset
+    faces = faces.astype(np.int64)
+    if np.linalg.det(linear) < 0:  # a mirroring affine turns the winding inside out
+        faces = faces[:, ::-1].copy()
+    return verts, faces
+
+
+def write_stl(
+    path: str | os.PathLike, verts, faces, coordinate_system: str = "LPS", overwrite: bool = False
+) -> Path:
+    """Write a binary STL atomically, tagging the 80-byte header with ``SPACE=<coordinate_system>``.
+
+    Written with numpy rather than Open3D because Open3D cannot set the header text, which is where
+    3D Slicer looks for the coordinate system; the format is a fixed 50-byte record per triangle.
+
+    Args:
+        path: output .stl file.
+        verts: float (V, 3) vertex positions in mm. faces: int (F, 3) vertex indices.
+        coordinate_system: "LPS" or "RAS", the system ``verts`` are expressed in.
+        overwrite: replace an existing file instead of raising FileExistsError.
+    """
+    _check_coordinate_system(coordinate_system)
+    v = np.asarray(verts, dtype=np.float64)
+    f = np.asarray(faces)
+    if v.ndim != 2 or v.shape[1] != 3 or not np.all(np.isfinite(v)):
+        raise ValueError(f"{path}: verts must be finite (V, 3), got shape {v.shape}.")
+    if f.ndim != 2 or f.shape[1] != 3 or not np.issubdtype(f.dtype, np.integer) or len(f) == 0:
+        raise ValueError(f"{path}: faces must be integer (F, 3) with F >= 1, got {f.dtype} {f.shape}.")
+    if f.min() < 0 or f.max() >= len(v):
+        raise ValueError(f"{path}: faces index vertices outside 0..{len(v) - 1}.")
+    tri = v[f]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    length = np.linalg.norm(normal, axis=1, keepdims=True)
+    records = np.zeros(len(f), dtype=_STL_RECORD)
+    records["normal"] = np.divide(normal, length, out=np.zeros_like(normal), where=length > 0)
+    records["vertices"] = tri
+    header = f"cranial_implant_pcdiff binary STL, mm, SPACE={coordinate_system}".encode("ascii").ljust(80, b" ")
+
+    def write(fh: BinaryIO) -> None:
+        fh.write(header)
+        fh.write(np.uint32(len(f)).astype("<u4").tobytes())
+        fh.write(records.tobytes())
+
+    return _atomic_write(path, write, overwrite)
+
+
+def save_stl(
+    path: str | os.PathLike,
+    mask,
+    affine,
+    coordinate_system: str = "LPS",
+    smooth: float = 0.5,
+    step_size: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Mask (X, Y, Z) + MONAI affine -> binary STL in mm (see :func:`mask_to_mesh`, :func:`write_stl`)."""
+    verts, faces = mask_to_mesh(mask, affine, smooth, step_size, coordinate_system)
+    return write_stl(path, verts, faces, coordinate_system, overwrite)
+
+
+def _depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Projection along ``axis``, viewed from its high-index end.
+
+    Returns (hit, depth): bool and float (B, C) over the two remaining axes in order; depth is the
+    index of the first hit seen from the high end, scaled to 0 (far side) .. 1 (near side).
+    """
+    n = mask.shape[axis]
+    hit = mask.any(axis=axis)
+    last = n - 1 - np.argmax(np.flip(mask, axis=axis), axis=axis)
+    return hit, last / max(n - 1, 1)
+
+
+def save_preview(
+    path: str | os.PathLike,
+    skull,
+    implant,
+    variance=None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str | None = None,
+    figsize: tuple[float, float] = (12.0, 4.5),
+    dpi: int = 100,
+    overwrite: bool = False,
+) -> Path:
+    """PNG with three depth-shaded views of the defective skull (grey) with the implant in colour.
+
+    Views look down the array axes from their high-index end: "axial" along k, "coronal" along j,
+    "sagittal" along i (anatomical names assume the usual axial-slice storage). Each view is drawn in
+    millimetres (``spacing``), so anisotropic voxels keep their physical aspect. The implant is opaque
+    where it is in front of the skull and translucent where the skull hides it. With ``variance`` the
+    overlay covers implant | (variance > 0) and is coloured by the largest variance along each ray.
+
+    Args:
+        path: output .png file. skull, implant: binary (X, Y, Z) volumes on the same grid.
+        variance: optional float (X, Y, Z) ensemble variance p (1 - p) in [0, 0.25].
+        spacing: voxel size in mm along (i, j, k).
+        title: optional figure title (e.g. the case id).
+        figsize, dpi: the PNG is round(figsize * dpi) pixels (width, height).
+    """
+    s, imp = _mask3d(skull, "skull"), _mask3d(implant, "implant")
+    if s.shape != imp.shape:
+        raise ValueError(f"skull {s.shape} and implant {imp.shape} differ in shape.")
+    sp = np.asarray(spacing, dtype=np.float64).ravel()
+    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing: expected three positive voxel sizes in mm, got {spacing!r}.")
+    var = None
+    overlay = imp
+    if variance is not None:
+        var = convert_to_numpy(variance).astype(np.float32, copy=False)
+        var = var[0] if var.ndim == 4 and var.shape[0] == 1 else var
+        if var.shape != s.shape:
+            raise ValueError(f"variance {var.shape} and skull {s.shape} differ in shape.")
+        overlay = imp | (var > 0)
+    cmap, norm = colormaps["plasma"], Normalize(0.0, 0.25)
+    implant_rgb = np.array([0.95, 0.45, 0.1])
+
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, (axis, name) in zip(axes, ((2, "axial (along k)"), (1, "coronal (along j)"), (0, "sagittal (along i)"))):
+        b, c = (d for d in range(3) if d != axis)
+        s_hit, s_depth = _depth_view(s, axis)
+        o_hit, o_depth = _depth_view(overlay, axis)
+        rgb = np.ones(s_hit.shape + (3,))
+        rgb[s_hit] = (0.25 + 0.6 * s_depth[s_hit])[:, None]  # grey, nearer is brighter
+        if var is None:
+            colour = implant_rgb * (0.45 + 0.55 * o_depth)[..., None]
+        else:
+            colour = cmap(norm(var.max(axis=axis)))[..., :3]
+        alpha = np.where(~s_hit | (o_depth >= s_depth), 1.0, 0.45)[..., None]
+        rgb = np.where(o_hit[..., None], alpha * colour + (1 - alpha) * rgb, rgb)
+        ax.imshow(
+            np.transpose(rgb, (1, 0, 2)),
+            origin="lower",
+            extent=(0, s.shape[b] * sp[b], 0, s.shape[c] * sp[c]),
+            interpolation="nearest",
+        )
+        ax.set_title(name)
+        ax.set_xlabel(f"{'ijk'[b]} (mm)")
+        ax.set_ylabel(f"{'ijk'[c]} (mm)")
+    if var is None:
+        fig.legend(
+            handles=[Patch(color=(0.7, 0.7, 0.7), label="defective skull"), Patch(color=implant_rgb, label="implant")],
+            loc="outside lower center",
+            ncols=2,
+        )
+    else:
+        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8, label="ensemble variance p(1-p)")
+    if title:
+        fig.suptitle(title)
+    return _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi), overwrite)
