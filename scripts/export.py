@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from matplotlib import colormaps
@@ -26,6 +24,8 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
+from scripts.io import atomic_write
+
 __all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "save_preview"]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
@@ -33,23 +33,6 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # binary STL record: normal, 3 vertices (float32 little endian), 16-bit attribute; 50 bytes, no padding
 _STL_RECORD = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool) -> Path:
-    """Call ``write`` on a temporary file next to ``path``, then rename it over ``path`` (os.replace)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: file exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _mask3d(x, name: str) -> np.ndarray:
@@ -143,12 +126,13 @@ def write_stl(
     records["vertices"] = tri
     header = f"cranial_implant_pcdiff binary STL, mm, SPACE={coordinate_system}".encode("ascii").ljust(80, b" ")
 
-    def write(fh: BinaryIO) -> None:
-        fh.write(header)
-        fh.write(np.uint32(len(f)).astype("<u4").tobytes())
-        fh.write(records.tobytes())
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(header)
+            fh.write(np.uint32(len(f)).astype("<u4").tobytes())
+            fh.write(records.tobytes())
 
-    return _atomic_write(path, write, overwrite)
+    return atomic_write(path, write, overwrite)
 
 
 def save_stl(
@@ -253,4 +237,4 @@ def save_preview(
         fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8, label="ensemble variance p(1-p)")
     if title:
         fig.suptitle(title)
-    return _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi), overwrite)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite)

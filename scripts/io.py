@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +32,7 @@ __all__ = [
     "ValidateMaskd",
     "load_mask",
     "save_mask",
+    "atomic_write",
 ]
 
 MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii")
@@ -155,6 +156,28 @@ def load_mask(path: str | os.PathLike) -> MetaTensor:
     return validate_mask(img, str(path))
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path`` (same suffix), then rename it
+    over ``path`` with os.replace, so readers never see a partial file and a crash leaves none.
+
+    Raises FileExistsError naming ``path`` if it exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: file exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = mask_suffix(path) if path.name.endswith(MASK_SUFFIXES) else path.suffix
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_mask(
     path: str | os.PathLike,
     array: np.ndarray | torch.Tensor,
@@ -199,16 +222,5 @@ def save_mask(
     writer = ITKWriter(output_dtype=dtype) if suffix == ".nrrd" else NibabelWriter(output_dtype=dtype)
     writer.set_data_array(data.astype(dtype, copy=False), channel_dim=None)
     writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".nrrd":
-            writer.write(tmp, compression=True)
-        else:
-            writer.write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    options = {"compression": True} if suffix == ".nrrd" else {}
+    return atomic_write(path, lambda tmp: writer.write(tmp, **options), overwrite=True)
