@@ -32,6 +32,7 @@ from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric
 from monai.utils import CommonKeys
 
+from scripts.data.datalist import case_id
 from scripts.io import MASK_SUFFIXES, MaskError, mask_suffix, read_header_geometry
 
 __all__ = [
@@ -52,18 +53,6 @@ BOUNDARY_LABEL = "boundary_label"  # output key of y = [implant, defective skull
 EVAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "evaluate.json"
 logger = logging.getLogger(__name__)
 _NO_DEFECT = "unspecified"  # defect class of entries without a "defect" key (plain files)
-
-
-def case_id(entry: dict) -> str:
-    """Folder name of a case's predictions: "<defect>_<case>" (SkullBreak), "skullfix_<case>" (SkullFix),
-    else the defective-skull file name without its suffix."""
-    dataset = entry.get("dataset")
-    if dataset == "skullbreak":
-        return f"{entry['defect']}_{entry['case']}"
-    if dataset == "skullfix":
-        return f"skullfix_{entry['case']}"
-    name = Path(entry["defective"]).name
-    return name[: -len(mask_suffix(name))]
 
 
 def _check_grid(prediction: Path, truth: str) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "SPLIT_FILES",
     "make_split",
     "build_datalist",
+    "case_id",
     "load_split",
     "skullbreak_datalist",
     "skullfix_datalist",
@@ -52,6 +53,18 @@ SPLIT_FILES = {
 }
 _TEST_FRACTION = {"skullbreak": 28 / 114, "skullfix": 25 / 100}
 _SPLITS = ("train", "test", "all")
+
+
+def case_id(entry: Mapping) -> str:
+    """Name of a case's output folder: "<defect>_<case>" (SkullBreak), "skullfix_<case>" (SkullFix),
+    else the defective-skull file name without its suffix."""
+    dataset = entry.get("dataset")
+    if dataset == "skullbreak":
+        return f"{entry['defect']}_{entry['case']}"
+    if dataset == "skullfix":
+        return f"skullfix_{entry['case']}"
+    name = Path(entry["defective"]).name
+    return name[: -len(mask_suffix(name))]
 
 
 def make_split(case_ids: Iterable[str], num_test: int, seed: int = 0) -> dict[str, list[str]]:
