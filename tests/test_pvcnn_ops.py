@@ -17,14 +17,6 @@ from scripts.networks.pvcnn_ops import (
 )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    barriers waiting for a descheduled thread make these tests up to 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sq(a, b):

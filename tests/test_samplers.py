@@ -10,13 +10,6 @@ from scripts.diffusion.process import ConditionalDiffusion
 from scripts.diffusion.samplers import dpmpp_timesteps, strided_timesteps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks run faster on one thread than on oversubscribed shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class PointNetEps(torch.nn.Module):

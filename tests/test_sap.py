@@ -11,13 +11,6 @@ from scripts.networks.sap import SAPVoxelizer, UNet3D, gt_indicator, sap_loss
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tiny networks run faster on one thread; OpenMP spin-waits badly on a shared 2-core CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ellipsoid_shell(axes, centre, thickness=3.0, size=SIZE) -> np.ndarray:
