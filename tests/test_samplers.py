@@ -230,3 +230,21 @@ def test_trained_model_completes_semicircles():
         # conditioning: the generated arc has the condition's radius (radii span 1 .. 2.5)
         assert (generated.norm(dim=2).mean(dim=1) - radius).abs().mean() < 0.15, sampler
         assert (generated[:, :, 1] > -0.2).float().mean() > 0.9, sampler  # upper half
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("dpmpp_2m", 10)])
+def test_clip_x0_bounds_samples_of_a_poor_model(sampler, steps):
+    """A model that under-predicts eps blows x0 up by ~1/sqrt(abar_T); clip_x0 keeps samples in range."""
+
+    def shrunken_eps(x, t):
+        return 0.8 * x  # x_T is almost pure noise, so the true eps is ~x: this model is 20% off
+
+    condition = torch.zeros(1, 3, 8)
+    gen = torch.Generator().manual_seed(0)
+    wild = ConditionalDiffusion().sample(shrunken_eps, condition, 32, sampler=sampler, steps=steps, generator=gen)
+    gen = torch.Generator().manual_seed(0)
+    clipped = ConditionalDiffusion(clip_x0=3.0).sample(
+        shrunken_eps, condition, 32, sampler=sampler, steps=steps, generator=gen
+    )
+    assert wild[:, :, 8:].abs().max() > 4.0
+    assert clipped[:, :, 8:].abs().max() <= 3.0 + 1e-4

@@ -92,7 +92,13 @@ def dpmpp_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "li
 
 
 def dpmpp_2m_loop(
-    eps_fn: EpsFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, spacing: str, progress: bool
+    eps_fn: EpsFn,
+    x: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    spacing: str,
+    progress: bool,
+    clip_x0: float | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, on the discrete schedule.
 
@@ -100,7 +106,7 @@ def dpmpp_2m_loop(
     sqrt(1 - alphas_cumprod[t]), lambda = log(alpha / sigma). Steps between network calls are
     second order (multistep) except the first; the last step goes to the clean sample
     (sigma = 0, lambda = inf), where only the first-order update is finite: it returns the
-    data prediction of the last call.
+    data prediction of the last call. ``clip_x0`` clamps every data prediction to +-clip_x0.
     """
     timesteps = dpmpp_timesteps(alphas_cumprod, steps, spacing)
     abar = alphas_cumprod.double().cpu()[timesteps]
@@ -108,6 +114,8 @@ def dpmpp_2m_loop(
     prev_d = None
     for i, t in enumerate(tqdm(timesteps, desc="dpmpp_2m", disable=not progress)):
         d = (x - sigma[i] * eps_fn(x, t)) / alpha[i]  # data (x0) prediction
+        if clip_x0 is not None:
+            d = d.clamp(-clip_x0, clip_x0)
         if i == len(timesteps) - 1:
             break
         h = lam[i + 1] - lam[i]
