@@ -1,0 +1,93 @@
+"""End-to-end cost of one case: load -> surface points -> diffusion -> voxelization -> post-processing.
+
+Runs each setting in a fresh subprocess and reports wall time per stage and peak resident memory.
+Untrained (randomly initialised) networks are fine for timing; pass weights to time real ones.
+
+    python -m scripts.benchmark_pipeline --preset paper --size 512 --sampler ddim --steps 50 --num_samples 1,5
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fire
+
+
+def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, threads: int, seed: int,
+         denoiser_weights: str | None, voxelizer_weights: str | None) -> dict:
+    """Time one setting in this process; returns the stage timings (s) and peak RSS (GiB)."""
+    import numpy as np
+    import torch
+
+    from scripts.data.resample import pad_to_cube
+    from scripts.diffusion.process import ConditionalDiffusion
+    from scripts.engines import load_weights
+    from scripts.inference import ImplantGenerator
+    from scripts.io import load_mask
+    from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
+    from scripts.networks.sap import SAPVoxelizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    denoiser, voxelizer = PVCNN2Denoiser(preset), SAPVoxelizer(preset)
+    if denoiser_weights:
+        load_weights(denoiser, denoiser_weights)
+    if voxelizer_weights:
+        load_weights(voxelizer, voxelizer_weights)
+    cfg = PRESETS[preset]
+    generator = ImplantGenerator(
+        denoiser, voxelizer, ConditionalDiffusion(), cfg["num_condition"], cfg["num_points"] - cfg["num_condition"],
+        sampler=sampler, steps=steps, num_samples=num_samples, seed=seed, progress=False,
+    )
+    start = time.perf_counter()
+    img = load_mask(mask)
+    cube = np.asarray(pad_to_cube(img, max(img.shape[1:]) + 2 * generator.margin)[0]) > 0
+    load = time.perf_counter() - start
+    result = generator(cube)
+    total = time.perf_counter() - start
+    return {
+        "preset": preset, "shape": list(img.shape[1:]), "sampler": sampler, "steps": steps,
+        "num_samples": num_samples, "threads": threads, "load_s": round(load, 2),
+        **{f"{k}_s": round(v, 2) for k, v in result["timings"].items()}, "total_s": round(total, 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+
+
+def _make_case(size: int, seed: int, folder: str) -> str:
+    from scripts.data.synthetic import skullbreak_case
+    from scripts.io import save_mask
+
+    case = skullbreak_case(0, size=size, seed=seed)
+    defective, _ = case.defect("bilateral")
+    return str(save_mask(Path(folder) / f"bench_{size}.nrrd", defective, case.affine, overwrite=True))
+
+
+def main(preset: str = "paper", size: int = 512, sampler: str = "ddim", steps: int = 50,
+         num_samples: str | int | tuple = "1,5", threads: int = 2, seed: int = 0, mask: str | None = None,
+         denoiser_weights: str | None = None, voxelizer_weights: str | None = None) -> None:
+    """Print one markdown table row per ensemble size (each in a fresh subprocess)."""
+    sizes = [int(n) for n in (num_samples.split(",") if isinstance(num_samples, str) else
+                              (num_samples if isinstance(num_samples, tuple) else [num_samples]))]
+    with tempfile.TemporaryDirectory() as tmp:
+        mask = mask or _make_case(size, 1000, tmp)
+        rows = []
+        for n in sizes:
+            args = [preset, mask, sampler, steps, n, threads, seed, denoiser_weights, voxelizer_weights]
+            code = f"import json, sys; from scripts.benchmark_pipeline import _one; print(json.dumps(_one(*{args!r})))"
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

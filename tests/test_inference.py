@@ -1,0 +1,145 @@
+"""The bundle's main job: configs/inference.json on the shipped sample with the shipped weights.
+
+End-to-end runs use the real networks and weights in models/ (CPU, small preset); they are marked
+slow but run in CI. Error paths use the same pipeline with bad inputs.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, Spacing
+
+from scripts.engines import load_weights
+from scripts.io import MaskError, load_mask, save_mask
+from scripts.networks.pvcnn2 import PVCNN2Denoiser
+from scripts.networks.sap import SAPVoxelizer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "inference.json"
+SAMPLE = ROOT / "sample" / "defective_skull.nrrd"
+
+
+def _generator(**overrides):
+    """The ImplantGenerator exactly as configs/inference.json builds it (shipped weights)."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update({"bundle_root": str(ROOT), "progress": False, **overrides})
+    return parser.get_parsed_content("generator")
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return _generator(steps=10)
+
+
+def run_bundle(*args):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--bundle_root", str(ROOT)]
+    return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_inference_config_end_to_end_ensemble(tmp_path):
+    """CLI run with an ensemble: every output file, in the input's grid, implant inside the defect."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(SAMPLE, inputs / "case.nrrd")
+    before = (inputs / "case.nrrd").read_bytes()
+    result = run_bundle("--input", str(inputs), "--output_dir", str(tmp_path / "out"), "--num_samples", "2",
+                        "--steps", "10", "--progress", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    case = tmp_path / "out" / "case"
+    names = {p.name for p in case.iterdir()}
+    assert {"implant.nrrd", "implant_member_0.nrrd", "implant_member_1.nrrd", "implant_mean.nrrd",
+            "implant_variance.nrrd", "implant.stl", "preview.png", "summary.json"} <= names
+    assert (inputs / "case.nrrd").read_bytes() == before  # input untouched
+
+    skull = load_mask(SAMPLE)
+    implant = load_mask(case / "implant.nrrd")
+    assert implant.shape == skull.shape and torch.allclose(implant.affine, skull.affine)
+    assert not (implant.bool() & skull.bool()).any()
+    assert implant.sum() > 0
+    variance = LoadImage(image_only=True)(str(case / "implant_variance.nrrd"))
+    assert tuple(variance.shape) == tuple(skull.shape[1:])
+    assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
+    summary = json.loads((case / "summary.json").read_text())
+    assert summary["num_samples"] == 2 and summary["sampler"] == "ddim" and summary["network_calls"] == 10
+    assert set(summary["weights"]) == {"denoiser_small.pt", "voxelizer_small.pt"}
+    assert summary["implant_volume_ml"] > 5
+    index = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [s["case_id"] for s in index] == ["case"]
+
+    # a second run refuses to overwrite the results
+    again = run_bundle("--input", str(inputs), "--output_dir", str(tmp_path / "out"), "--steps", "10",
+                       "--progress", "false")
+    assert again.returncode != 0 and "results exist already" in again.stderr
+
+
+@pytest.mark.slow
+def test_anisotropic_input_keeps_its_grid(tmp_path, generator):
+    """A SkullFix-like anisotropic input is resampled for the model and the implant mapped back."""
+    from scripts.inference import predict_case
+
+    skull = load_mask(SAMPLE)
+    aniso = Spacing(pixdim=(1.6, 1.6, 2.4), mode="nearest")(skull.float())
+    aniso = MetaTensor((aniso > 0.5).to(torch.uint8), affine=aniso.affine)
+    path = save_mask(tmp_path / "aniso.nii.gz", aniso[0], aniso.affine)
+    summary = predict_case(path, tmp_path / "out", generator, preview=False)
+    out = load_mask(tmp_path / "out" / "aniso" / "implant.nii.gz")
+    reference = load_mask(path)
+    assert summary["resampled_to_isotropic"]
+    assert out.shape == reference.shape
+    assert torch.allclose(out.affine, reference.affine)
+    assert not (out.bool() & reference.bool()).any()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda a: np.zeros_like(a), "empty"),
+        (lambda a: a * 3, "binary"),
+        (lambda a: a[:, :, 40], "3D"),
+    ],
+)
+def test_bad_inputs_fail_before_any_output(tmp_path, make, message):
+    from scripts.inference import ImplantGenerator, predict_case
+    from scripts.diffusion.process import ConditionalDiffusion
+
+    skull = load_mask(SAMPLE)
+    array = make(np.asarray(skull[0]))
+    affine = skull.affine if array.ndim == 3 else np.eye(4)
+    path = tmp_path / "bad.nrrd"
+    if array.ndim == 3:
+        save_mask(path, array, affine)
+    else:
+        import nrrd
+
+        nrrd.write(str(path), array.astype(np.uint8), {"spacings": [1.0, 1.0]})
+    gen = ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64, progress=False)
+    with pytest.raises(MaskError, match=message) as err:
+        predict_case(path, tmp_path / "out", gen)
+    assert str(path) in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_not_an_image_is_reported(tmp_path):
+    bad = tmp_path / "notes.nrrd"
+    bad.write_text("this is not an image")
+    with pytest.raises(MaskError, match="notes.nrrd"):
+        load_mask(bad)
+
+
+def test_weights_must_exist_and_match_the_preset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_weights(PVCNN2Denoiser("tiny"), tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="denoiser_small.pt.*preset"):
+        load_weights(PVCNN2Denoiser("tiny"), ROOT / "models" / "denoiser_small.pt")
+    with pytest.raises(ValueError, match="voxelizer_small.pt"):
+        load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "voxelizer_small.pt")
