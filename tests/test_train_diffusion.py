@@ -1,0 +1,160 @@
+"""End-to-end tests of configs/train_diffusion.json: training, EMA, validation, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from scripts.data.synthetic import generate_skullbreak
+from scripts.diffusion.chamfer import chamfer_distance
+from scripts.engines import checkpoint_files, latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/train_diffusion.json"
+TINY = dict(preset="tiny", surface_points=2000, batch_size=2, learning_rate=0.002, log_interval=1)
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    """Four 40^3 skulls with a bilateral defect: 3 train, 1 test."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_skullbreak(root, num_cases=4, size=40, seed=0, defects="bilateral")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the shared 2-core runners are much faster without OpenMP contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(dataset_dir, output_dir, **override):
+    """Run the diffusion bundle in-process; returns (workflow, per-iteration training losses)."""
+    workflow = ConfigWorkflow(
+        config_file=CONFIG, workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(output_dir),
+        **{**TINY, **override},
+    )
+    workflow.initialize()
+    losses = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+    workflow.run()
+    workflow.finalize()
+    return workflow, losses
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_is_reproducible(dataset_dir, tmp_path):
+    _, losses = train(dataset_dir, tmp_path / "a", max_epochs=1, epoch_length=80, val_interval=100)
+    first, last = np.mean(losses[:20]), np.mean(losses[-20:])
+    print(f"diffusion loss: first 20 iterations {first:.3f}, last 20 {last:.3f}")
+    assert last < 0.8 * first
+
+    # same seed -> same losses; this run also validates, keeps EMA weights and logs to TensorBoard
+    workflow, again = train(
+        dataset_dir, tmp_path / "b", max_epochs=1, epoch_length=10, val_interval=1, use_ema=True, val_steps=5
+    )
+    assert again == losses[:10]
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    chamfer = evaluator.state.metrics["val_chamfer"]
+    assert np.isfinite(chamfer) and chamfer > 0
+    state = torch.load(tmp_path / "b" / "checkpoints" / "final.pt", weights_only=False)
+    assert set(state) == {"network", "optimizer", "lr_scheduler", "trainer", "ema_network"}
+    assert state["ema_network"].keys() == state["network"].keys()
+    assert any(not torch.equal(state["ema_network"][k], state["network"][k]) for k in state["network"])
+    assert (tmp_path / "b" / "checkpoints" / "best_network.pt").is_file()
+    assert list((tmp_path / "b").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_ddim_samples_of_a_briefly_trained_model_land_in_the_defect(dataset_dir, tmp_path):
+    """Issue 3 acceptance, in the form that fits a CPU test (numbers in docs/training.md).
+
+    Paper schedule and DDIM-20 with x0 clipped to +-4 (``clip_x0``, as configs/inference.json): without
+    the clip a DDIM step from t = 999 multiplies the denoiser's error by 1 / sqrt(alpha_bar) = 156 and
+    a model trained for ~2k iterations scatters its samples far outside the skull. After ~1k iterations
+    the samples concentrate in the defect region of a held-out skull; beating random points inside the
+    implant's own bounding box takes much longer training than a test can afford.
+    """
+    workflow, _ = train(
+        dataset_dir, tmp_path, max_epochs=4, epoch_length=300, val_interval=1, log_interval=100, clip_x0=4.0
+    )
+    best = workflow.parser.get_parsed_content("validate#evaluator").state.best_metric
+
+    item = workflow.parser.get_parsed_content("validate#dataset")[0]
+    target, scale = item["target"][None], item["norm_scale"]
+    g = torch.Generator().manual_seed(0)
+    lo, hi = target.amin(1), target.amax(1)
+    in_skull_box = chamfer_distance(torch.rand(target.shape, generator=g) * 6 - 3, target, squared=False) * scale
+    in_defect_box = chamfer_distance(lo + (hi - lo) * torch.rand(target.shape, generator=g), target, squared=False) * scale
+    print(f"best val_chamfer {best:.2f} voxels; random points in the skull box {in_skull_box.item():.2f}, "
+          f"in the implant box {in_defect_box.item():.2f}")
+    assert best < 0.5 * in_skull_box.item()
+
+
+def test_latest_checkpoint_is_the_highest_loadable_iteration(tmp_path):
+    for name, iteration in (("final.pt", 100), ("checkpoint_iteration=110.pt", 110), ("checkpoint_iteration=120.pt", 120)):
+        torch.save({"trainer": {"iteration": iteration}, "network": {"w": torch.ones(3)}}, tmp_path / name)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint_iteration=110.pt", "checkpoint_iteration=120.pt", "final.pt"
+    ]
+    # final.pt of an earlier, shorter run does not shadow the checkpoints of the longer run after it
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_iteration=120.pt")
+    newest = tmp_path / "checkpoint_iteration=120.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_iteration=110.pt")
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def _iterations_logged(log: str) -> int:
+    return len(re.findall(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log))
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_skips_truncated_checkpoint(dataset_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIG, "--dataset_dir", str(dataset_dir),
+        "--output_dir", str(out), "--max_epochs", "6", "--epoch_length", "4", "--ckpt_interval", "2", "--val_interval", "100",
+        *[f"--{k}={v}" for k, v in TINY.items()],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while len(checkpoint_files(out / "checkpoints")) < 2:
+                assert proc.poll() is None, "training ended before it could be killed"
+                assert time.monotonic() < deadline, "no checkpoints within 300 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait()
+    *_, previous, newest = checkpoint_files(out / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a write cut short by the kill
+    assert latest_checkpoint(out / "checkpoints") == str(previous)
+    resumed_from = int(re.search(r"iteration=(\d+)", previous.name).group(1))
+
+    second = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"skipping unreadable checkpoint {newest}" in second.stdout
+    assert f"resuming from {previous}" in second.stdout
+    assert f"Restored all variables from {previous}" in second.stdout
+    final = torch.load(out / "checkpoints" / "final.pt", weights_only=False)
+    assert final["trainer"]["iteration"] == 24
+    assert _iterations_logged(second.stdout) == 24 - resumed_from
