@@ -28,14 +28,6 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the shared 2-core runners are much faster without OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def train(dataset_dir, output_dir, **override):
     """Run the voxelizer bundle in-process; returns (workflow, per-iteration training losses)."""

@@ -69,13 +69,6 @@ def _infer(data: Path, out: Path, weights: Path, **overrides) -> None:
     workflow.finalize()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
