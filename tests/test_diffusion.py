@@ -96,6 +96,28 @@ def test_training_loss_scores_generated_points_only():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_training_loss_targets_of_other_prediction_types(prediction_type):
+    """x0 prediction regresses the clean generated points; v prediction regresses sqrt(abar) eps - sqrt(1 - abar) x0."""
+    torch.manual_seed(0)
+    diff, net, nc = ConditionalDiffusion(prediction_type=prediction_type), PointMLP(), 6
+    x0 = torch.randn(3, 3, nc + 10)
+    loss = diff.training_loss(net, x0, nc, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, diff.num_timesteps, (3,), generator=g)
+    noise = torch.randn(3, 3, 10, generator=g)
+    out = net(diff.q_sample(x0, t, noise, nc), t)[:, :, nc:]
+    abar = diff.alphas_cumprod[t][:, None, None]
+    target = x0[:, :, nc:]
+    goal = target if prediction_type == "sample" else abar.sqrt() * noise - (1 - abar).sqrt() * target
+    torch.testing.assert_close(loss, ((out - goal) ** 2).mean())
+
+
+def test_prediction_type_is_checked():
+    with pytest.raises(ValueError, match="prediction_type"):
+        ConditionalDiffusion(prediction_type="x0")
+
+
 def test_training_loss_draws_depend_on_generator():
     diff, net = ConditionalDiffusion(), PointMLP()
     x0 = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(0))

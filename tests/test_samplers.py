@@ -178,6 +178,33 @@ def test_ode_samplers_converge_to_exact_solution_and_dpmpp_is_more_accurate():
     assert errors["dpmpp_2m", 50] < 0.01
 
 
+class PredictionOf:
+    """The oracle's eps re-expressed as another prediction type: x0 ("sample") or v ("v_prediction")."""
+
+    def __init__(self, oracle, prediction_type):
+        self.oracle, self.prediction_type = oracle, prediction_type
+
+    def __call__(self, x, t):
+        eps = self.oracle(x, t)
+        a, sig = self.oracle.abar[t].sqrt()[:, None, None], (1 - self.oracle.abar[t]).sqrt()[:, None, None]
+        x0 = (x - sig * eps) / a
+        return x0 if self.prediction_type == "sample" else a * eps - sig * x0
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 10), ("dpmpp_2m", 10)])
+def test_prediction_types_give_the_same_samples(prediction_type, sampler, steps):
+    """An x0 or v network that is exact gives the same trajectory as the exact eps network."""
+    condition = torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eps_diff, other_diff = ConditionalDiffusion(), ConditionalDiffusion(prediction_type=prediction_type)
+    oracle = GaussianOracle(eps_diff.alphas_cumprod, 8, 0.5)
+    samples = [
+        diff.sample(model, condition, 50, sampler, steps, generator=torch.Generator().manual_seed(1))
+        for diff, model in [(eps_diff, oracle), (other_diff, PredictionOf(oracle, prediction_type))]
+    ]
+    torch.testing.assert_close(samples[1], samples[0], atol=1e-4, rtol=1e-4)
+
+
 def test_ddpm_samples_the_data_distribution():
     """Ancestral DDPM with the exact eps of N(mu, s^2) data must return points with that mean and std."""
     diff, s = ConditionalDiffusion(), 0.5
@@ -204,11 +231,12 @@ def semicircles(b, generator):
 
 
 @pytest.mark.slow
-def test_trained_model_completes_semicircles():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_trained_model_completes_semicircles(prediction_type):
     """Train 300 Adam steps on a toy completion task; every sampler must land on the right circle."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    diff, net = ConditionalDiffusion(), PointNetEps(NC_TOY)
+    diff, net = ConditionalDiffusion(prediction_type=prediction_type), PointNetEps(NC_TOY)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(300):
         loss = diff.training_loss(net, semicircles(64, g)[0], NC_TOY, generator=g)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from scripts.diffusion.samplers import ddim_loop, ddpm_loop, dpmpp_2m_loop
+from scripts.diffusion.samplers import PREDICTION_TYPES, ddim_loop, ddpm_loop, dpmpp_2m_loop
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm: always T
@@ -23,13 +23,17 @@ def _check_cloud(x: torch.Tensor, name: str) -> None:
 
 
 class ConditionalDiffusion:
-    """Epsilon-prediction diffusion with fixed-small posterior variance on the generated points.
+    """Gaussian diffusion with fixed-small posterior variance on the generated points.
 
     Args:
         num_train_timesteps: T (1000 in the paper).
         beta_start, beta_end: ends of the linear beta schedule (1e-4 .. 0.02 in the paper).
+        clip_x0: clamp every x0 estimate to +-clip_x0 while sampling (None: never, as the paper).
+        prediction_type: what the network predicts: "epsilon" (the paper), "sample" (the clean
+            points x0) or "v_prediction" (Salimans & Ho 2022). With "sample" an imperfect network
+            is never amplified into the x0 estimate, which suits short CPU training.
 
-    The model is any callable ``model(x (B, 3, N), t (B,) long) -> eps (B, 3, N)``.
+    The model is any callable ``model(x (B, 3, N), t (B,) long) -> out (B, 3, N)``.
     ``last_model_calls`` holds the number of network calls of the latest ``sample`` call.
     """
 
@@ -39,8 +43,12 @@ class ConditionalDiffusion:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         clip_x0: float | None = None,
+        prediction_type: str = "epsilon",
     ) -> None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.clip_x0 = clip_x0
+        self.prediction_type = prediction_type
         common = dict(
             num_train_timesteps=num_train_timesteps,
             schedule="linear_beta",
@@ -52,7 +60,7 @@ class ConditionalDiffusion:
             clip_sample=clip_x0 is not None,
             clip_sample_min=-(clip_x0 or 1.0),
             clip_sample_max=clip_x0 or 1.0,
-            prediction_type="epsilon",
+            prediction_type=prediction_type,
         )
         self.ddpm = DDPMScheduler(variance_type="fixed_small", **common)
         self.ddim = DDIMScheduler(set_alpha_to_one=True, **common)
@@ -82,7 +90,7 @@ class ConditionalDiffusion:
     def training_loss(
         self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """MSE between true and predicted noise on the generated points; t ~ U{0..T-1} per sample.
+        """MSE of the prediction (noise, x0 or v) on the generated points; t ~ U{0..T-1} per sample.
 
         x0: (B, 3, N) clean cloud, condition first. Returns a scalar.
         """
@@ -94,8 +102,15 @@ class ConditionalDiffusion:
         noise = torch.randn(
             (b, 3, n - num_condition), generator=generator, device=x0.device, dtype=x0.dtype
         )
-        eps = model(self.q_sample(x0, t, noise, num_condition), t)
-        return torch.nn.functional.mse_loss(eps[:, :, num_condition:], noise)
+        out = model(self.q_sample(x0, t, noise, num_condition), t)[:, :, num_condition:]
+        target = x0[:, :, num_condition:]
+        if self.prediction_type == "sample":
+            goal = target
+        elif self.prediction_type == "v_prediction":
+            goal = self.ddpm.get_velocity(target, noise, t)
+        else:
+            goal = noise
+        return torch.nn.functional.mse_loss(out, goal)
 
     @torch.no_grad()
     def sample(
@@ -126,7 +141,7 @@ class ConditionalDiffusion:
         b, _, nc = condition.shape
         calls = 0
 
-        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: int) -> torch.Tensor:
             nonlocal calls
             calls += 1
             t_batch = torch.full((b,), t, dtype=torch.long, device=x.device)
@@ -140,11 +155,11 @@ class ConditionalDiffusion:
         if sampler == "ddpm":
             if steps != self.num_timesteps:
                 raise ValueError(f"ddpm runs all {self.num_timesteps} steps; got steps={steps} (use ddim/dpmpp_2m)")
-            x = ddpm_loop(eps_fn, x, self.ddpm, generator, progress)
+            x = ddpm_loop(model_fn, x, self.ddpm, generator, progress)
         elif sampler == "ddim":
-            x = ddim_loop(eps_fn, x, self.ddim, steps, spacing, eta, generator, progress)
+            x = ddim_loop(model_fn, x, self.ddim, steps, spacing, eta, generator, progress)
         else:
-            x = dpmpp_2m_loop(eps_fn, x, self.alphas_cumprod, steps, spacing, progress, self.clip_x0)
+            x = dpmpp_2m_loop(model_fn, x, self.alphas_cumprod, steps, spacing, progress, self.clip_x0, self.prediction_type)
         self.last_model_calls = calls
         return torch.cat([condition, x], dim=2)
 

@@ -1,8 +1,10 @@
 """Reverse-process loops for the generated (target) points: DDPM, DDIM and DPM-Solver++ 2M.
 
 Every loop works on the target part only, x (B, 3, Nt), and gets the denoiser as
-``eps_fn(x (B, 3, Nt), t: int) -> eps (B, 3, Nt)``, a closure that puts the fixed condition
+``model_fn(x (B, 3, Nt), t: int) -> out (B, 3, Nt)``, a closure that puts the fixed condition
 points in front, so the known points are restored before every network call by construction.
+``out`` is what the network predicts: noise ("epsilon"), the clean points ("sample") or
+v = alpha * eps - sigma * x0 ("v_prediction"); the schedulers are built with the same type.
 DDPM and DDIM steps are MONAI's schedulers (their ``step`` is elementwise and works on any
 shape); DPM-Solver++ has no MONAI counterpart and is written here.
 """
@@ -16,7 +18,9 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
 
-EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 SPACINGS = ("trailing", "leading")
 
@@ -38,16 +42,16 @@ def strided_timesteps(num_train_timesteps: int, steps: int, spacing: str = "trai
 
 
 def ddpm_loop(
-    eps_fn: EpsFn, x: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None, progress: bool
+    model_fn: ModelFn, x: torch.Tensor, scheduler: DDPMScheduler, generator: torch.Generator | None, progress: bool
 ) -> torch.Tensor:
     """Ancestral sampling over all T steps, fixed-small variance, no x0 clipping (as PVD / PCDiff)."""
     for t in tqdm(range(scheduler.num_train_timesteps - 1, -1, -1), desc="ddpm", disable=not progress):
-        x, _ = scheduler.step(eps_fn(x, t), t, x, generator=generator)
+        x, _ = scheduler.step(model_fn(x, t), t, x, generator=generator)
     return x
 
 
 def ddim_loop(
-    eps_fn: EpsFn,
+    model_fn: ModelFn,
     x: torch.Tensor,
     scheduler: DDIMScheduler,
     steps: int,
@@ -60,7 +64,7 @@ def ddim_loop(
     timesteps = strided_timesteps(scheduler.num_train_timesteps, steps, spacing)
     scheduler.set_timesteps(steps)  # fixes the stride T // steps used by step() for the previous timestep
     for t in tqdm(timesteps, desc="ddim", disable=not progress):
-        x, _ = scheduler.step(eps_fn(x, t), t, x, eta=eta, generator=generator)
+        x, _ = scheduler.step(model_fn(x, t), t, x, eta=eta, generator=generator)
     return x
 
 
@@ -91,14 +95,26 @@ def dpmpp_timesteps(alphas_cumprod: torch.Tensor, steps: int, spacing: str = "li
     return torch.unique_consecutive(nearest).tolist()
 
 
+def data_prediction(out: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, prediction_type: str) -> torch.Tensor:
+    """The x0 estimate implied by the network output ``out`` at x_t = alpha * x0 + sigma * eps."""
+    if prediction_type == "epsilon":
+        return (x - sigma * out) / alpha
+    if prediction_type == "sample":
+        return out
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * out
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def dpmpp_2m_loop(
-    eps_fn: EpsFn,
+    model_fn: ModelFn,
     x: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     steps: int,
     spacing: str,
     progress: bool,
     clip_x0: float | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, on the discrete schedule.
 
@@ -113,7 +129,7 @@ def dpmpp_2m_loop(
     alpha, sigma, lam = abar.sqrt().tolist(), (1.0 - abar).sqrt().tolist(), _log_snr(abar).tolist()
     prev_d = None
     for i, t in enumerate(tqdm(timesteps, desc="dpmpp_2m", disable=not progress)):
-        d = (x - sigma[i] * eps_fn(x, t)) / alpha[i]  # data (x0) prediction
+        d = data_prediction(model_fn(x, t), x, alpha[i], sigma[i], prediction_type)
         if clip_x0 is not None:
             d = d.clamp(-clip_x0, clip_x0)
         if i == len(timesteps) - 1:
