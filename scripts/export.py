@@ -24,7 +24,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
-from scripts.io import atomic_write
+from scripts.io import atomic_write, mask3d
 
 __all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "save_preview"]
 
@@ -33,16 +33,6 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # binary STL record: normal, 3 vertices (float32 little endian), 16-bit attribute; 50 bytes, no padding
 _STL_RECORD = np.dtype([("normal", "<f4", (3,)), ("vertices", "<f4", (3, 3)), ("attribute", "<u2")])
-
-
-def _mask3d(x, name: str) -> np.ndarray:
-    """(X, Y, Z) or (1, X, Y, Z) numpy/torch -> bool (X, Y, Z)."""
-    a = convert_to_numpy(x)
-    if a.ndim == 4 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 3:
-        raise ValueError(f"{name}: expected an (X, Y, Z) or (1, X, Y, Z) volume, got shape {tuple(a.shape)}.")
-    return a != 0
 
 
 def _check_coordinate_system(coordinate_system: str) -> str:
@@ -66,7 +56,7 @@ def mask_to_mesh(
     Returns:
         verts: float64 (V, 3) in mm, faces: int64 (F, 3) vertex indices with outward normals.
     """
-    m = _mask3d(mask, "mask")
+    m = mask3d(mask, "mask")
     a = np.asarray(convert_to_numpy(affine), dtype=np.float64)
     if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
         raise ValueError(f"affine: expected a finite, invertible 4x4 matrix, got\n{a}")
@@ -187,7 +177,7 @@ def save_preview(
         title: optional figure title (e.g. the case id).
         figsize, dpi: the PNG is round(figsize * dpi) pixels (width, height).
     """
-    s, imp = _mask3d(skull, "skull"), _mask3d(implant, "implant")
+    s, imp = mask3d(skull, "skull"), mask3d(implant, "implant")
     if s.shape != imp.shape:
         raise ValueError(f"skull {s.shape} and implant {imp.shape} differ in shape.")
     sp = np.asarray(spacing, dtype=np.float64).ravel()

@@ -24,6 +24,8 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from scripts.io import mask3d, volume3d
+
 __all__ = [
     "BALL3",
     "complete_from_indicator",
@@ -46,26 +48,12 @@ __all__ = [
 BALL3 = ndimage.generate_binary_structure(3, 2)  # 3x3x3 cube without its 8 corners
 
 
-def _volume(x, name: str) -> np.ndarray:
-    """(X, Y, Z) or (1, X, Y, Z) numpy/torch -> numpy (X, Y, Z)."""
-    a = convert_to_numpy(x)
-    if a.ndim == 4 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 3:
-        raise ValueError(f"{name}: expected an (X, Y, Z) or (1, X, Y, Z) volume, got shape {tuple(a.shape)}.")
-    return a
-
-
-def _mask(x, name: str) -> np.ndarray:
-    return _volume(x, name) != 0
-
-
 def _stack(masks, name: str) -> np.ndarray:
     """(K, X, Y, Z) array or a sequence of K volumes -> bool (K, X, Y, Z), K >= 1."""
     if isinstance(masks, (list, tuple)):
         if not masks:
             raise ValueError(f"{name}: got an empty sequence, expected K >= 1 volumes.")
-        masks = np.stack([_mask(m, f"{name}[{i}]") for i, m in enumerate(masks)])
+        masks = np.stack([mask3d(m, f"{name}[{i}]") for i, m in enumerate(masks)])
     a = convert_to_numpy(masks)
     a = a if a.dtype == bool else a != 0
     if a.ndim != 4 or a.shape[0] == 0:
@@ -80,7 +68,7 @@ def complete_from_indicator(indicator, dilate: int = 1) -> np.ndarray:
         indicator: float (X, Y, Z) indicator on the skull's voxel grid.
         dilate: number of binary dilations with ``BALL3`` (reference: 1; 0 disables).
     """
-    grid = _volume(indicator, "indicator")
+    grid = volume3d(indicator, "indicator")
     if not np.issubdtype(grid.dtype, np.floating):
         raise ValueError(f"indicator: expected a float indicator grid, got dtype {grid.dtype}.")
     if dilate < 0:
@@ -91,7 +79,7 @@ def complete_from_indicator(indicator, dilate: int = 1) -> np.ndarray:
 
 def raw_implant(complete, defective) -> np.ndarray:
     """Implant before cleaning: complete & ~defective, bool (X, Y, Z)."""
-    c, d = _mask(complete, "complete"), _mask(defective, "defective")
+    c, d = mask3d(complete, "complete"), mask3d(defective, "defective")
     if c.shape != d.shape:
         raise ValueError(f"complete {c.shape} and defective {d.shape} masks differ in shape.")
     return c & ~d
@@ -109,7 +97,7 @@ def keep_near_points(mask, points_vox, max_distance_vox: float) -> np.ndarray:
         points_vox: float (M, 3) voxel coordinates (i, j, k) of the generated implant points, M >= 1.
         max_distance_vox: distance threshold in voxels, > 0.
     """
-    m = _mask(mask, "mask")
+    m = mask3d(mask, "mask")
     pts = np.asarray(convert_to_numpy(points_vox), dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) == 0 or not np.all(np.isfinite(pts)):
         raise ValueError(f"points_vox: expected finite (M, 3) voxel coordinates with M >= 1, got shape {pts.shape}.")
@@ -128,20 +116,20 @@ def keep_near_points(mask, points_vox, max_distance_vox: float) -> np.ndarray:
 
 def binary_open(mask, iterations: int = 1) -> np.ndarray:
     """Binary opening with ``BALL3``: removes spurs, bridges and specks thinner than 3 voxels."""
-    m = _mask(mask, "mask")
+    m = mask3d(mask, "mask")
     return ndimage.binary_opening(m, BALL3, iterations=iterations) if iterations else m
 
 
 def largest_component(mask) -> np.ndarray:
     """Keep the largest 26-connected component (MONAI, via skimage.measure.label)."""
-    return get_largest_connected_component_mask(_mask(mask, "mask"), connectivity=3)
+    return get_largest_connected_component_mask(mask3d(mask, "mask"), connectivity=3)
 
 
 def median_smooth(mask, size: int = 3) -> np.ndarray:
     """size^3 median filter (on a binary mask: majority of the cube); removes salt noise and smooths."""
     if size < 1 or size % 2 == 0:
         raise ValueError(f"median size: must be a positive odd integer, got {size}.")
-    m = _mask(mask, "mask")
+    m = mask3d(mask, "mask")
     return ndimage.median_filter(m.view(np.uint8), size=size).astype(bool) if size > 1 else m
 
 
@@ -151,7 +139,7 @@ def binary_close(mask, iterations: int = 1) -> np.ndarray:
     scipy erodes from a zero border, which would cut mask voxels on the volume edge; padding by the
     reach of the operation avoids that.
     """
-    m = _mask(mask, "mask")
+    m = mask3d(mask, "mask")
     if not iterations:
         return m
     padded = np.pad(m, iterations)
@@ -161,7 +149,7 @@ def binary_close(mask, iterations: int = 1) -> np.ndarray:
 
 def fill_holes(mask) -> np.ndarray:
     """Fill enclosed cavities (background not 6-connected to the volume border)."""
-    return ndimage.binary_fill_holes(_mask(mask, "mask"))
+    return ndimage.binary_fill_holes(mask3d(mask, "mask"))
 
 
 def _crop(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
@@ -185,7 +173,7 @@ def clean_implant(mask, opening: int = 1, median: int = 3, closing: int = 1) -> 
     Returns:
         bool (X, Y, Z); empty if the input (or what the opening leaves) is empty.
     """
-    m = _mask(mask, "mask")
+    m = mask3d(mask, "mask")
     box = _crop(m, 2 * (opening + closing) + median + 2)
     out = np.zeros_like(m)
     if box is None:
@@ -272,7 +260,7 @@ def ensemble_mean_and_variance(implants) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def require_implant(implant, min_voxels: int = 1, name: str = "implant") -> int:
     """Return the implant's voxel count; raise ValueError if it has fewer than ``min_voxels`` voxels."""
-    n = int(np.count_nonzero(_volume(implant, name)))
+    n = int(np.count_nonzero(volume3d(implant, name)))
     if n < min_voxels:
         raise ValueError(
             f"{name}: no defect found, the implant is empty or too small ({n} voxels < min_voxels={min_voxels}); "

@@ -20,6 +20,7 @@ import torch
 from monai.data import ITKWriter, MetaTensor, NibabelWriter
 from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, MapTransform
+from monai.utils import convert_to_numpy
 
 __all__ = [
     "MASK_SUFFIXES",
@@ -33,9 +34,26 @@ __all__ = [
     "load_mask",
     "save_mask",
     "atomic_write",
+    "volume3d",
+    "mask3d",
 ]
 
 MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii")
+
+
+def volume3d(x, name: str) -> np.ndarray:
+    """(X, Y, Z) or (1, X, Y, Z) numpy/torch volume -> numpy (X, Y, Z); ``name`` goes in the error."""
+    a = convert_to_numpy(x)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected an (X, Y, Z) or (1, X, Y, Z) volume, got shape {tuple(a.shape)}.")
+    return a
+
+
+def mask3d(x, name: str) -> np.ndarray:
+    """(X, Y, Z) or (1, X, Y, Z) numpy/torch volume -> bool (X, Y, Z); non-zero is foreground."""
+    return volume3d(x, name) != 0
 
 
 class MaskError(ValueError):

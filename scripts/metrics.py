@@ -22,6 +22,8 @@ from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction, convert_to_numpy
 from scipy.ndimage import binary_erosion, distance_transform_edt, find_objects, generate_binary_structure
 
+from scripts.io import volume3d
+
 SpacingLike = float | Sequence[float] | np.ndarray | torch.Tensor
 
 # 6-connected structuring element: the surface is what one cross-shaped erosion removes (as in the challenge).
@@ -30,11 +32,7 @@ _CROSS = generate_binary_structure(3, 1)
 
 def _as_mask(x, name: str) -> np.ndarray:
     """(X, Y, Z) or (1, X, Y, Z) numpy/torch volume -> bool (X, Y, Z); non-zero is foreground."""
-    a = convert_to_numpy(x)
-    if a.ndim == 4 and a.shape[0] == 1:
-        a = a[0]
-    if a.ndim != 3:
-        raise ValueError(f"{name}: expected an (X, Y, Z) or (1, X, Y, Z) mask, got shape {tuple(a.shape)}.")
+    a = volume3d(x, name)
     if np.issubdtype(a.dtype, np.floating) and np.any((a > 0) & (a < 1)):
         raise ValueError(f"{name}: has values strictly between 0 and 1; threshold it to a binary mask first.")
     return a != 0

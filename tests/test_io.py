@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
-from scripts.io import MaskError, ValidateMaskd, is_isotropic, load_mask, mask_spacing, save_mask
+from scripts.io import MaskError, ValidateMaskd, is_isotropic, load_mask, mask3d, mask_spacing, save_mask, volume3d
 
 
 def _affine(spacing=(0.5, 0.6, 2.0), origin=(12.5, -30.0, 41.0), angle=0.3):
@@ -133,3 +133,13 @@ def test_validate_maskd_in_compose(tmp_path):
     flat = MetaTensor(torch.ones(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.0, 0.0, 1.0, 1.0])))
     with pytest.raises(MaskError, match="spacing"):
         ValidateMaskd("m")({"m": flat})
+
+
+def test_volume3d_and_mask3d_accept_channel_first_and_name_bad_shapes():
+    vol = torch.zeros(1, 4, 5, 6)
+    vol[0, 1, 2, 3] = 2.5
+    assert volume3d(vol, "v").shape == (4, 5, 6)
+    m = mask3d(vol.numpy(), "v")
+    assert m.dtype == bool and m.sum() == 1 and m[1, 2, 3]
+    with pytest.raises(ValueError, match=r"skull: expected an \(X, Y, Z\) or \(1, X, Y, Z\) volume, got shape \(2, 4, 5, 6\)"):
+        mask3d(torch.zeros(2, 4, 5, 6), "skull")
