@@ -74,28 +74,26 @@ def test_training_lowers_the_loss_and_is_reproducible(dataset_dir, tmp_path):
 
 @pytest.mark.slow
 def test_ddim_samples_of_a_briefly_trained_model_land_in_the_defect(dataset_dir, tmp_path):
-    """Issue 3 acceptance, in the form that fits a CPU test (numbers in docs/training.md).
+    """Issue 3 acceptance: after 1,200 iterations on three skulls, DDIM-20 samples for the held-out
+    skull lie closer to its true implant points than random points inside the implant's own bounding box.
 
-    Paper schedule and DDIM-20 with x0 clipped to +-4 (``clip_x0``, as configs/inference.json): without
-    the clip a DDIM step from t = 999 multiplies the denoiser's error by 1 / sqrt(alpha_bar) = 156 and
-    a model trained for ~2k iterations scatters its samples far outside the skull. After ~1k iterations
-    the samples concentrate in the defect region of a held-out skull; beating random points inside the
-    implant's own bounding box takes much longer training than a test can afford.
+    The denoiser predicts x0 (``prediction_type="sample"``), as the shipped small weights do: with
+    epsilon prediction the same budget only beats random points in the whole skull's box, because
+    the eps error at t ~ T is amplified ~150x in the x0 estimate (docs/training.md).
     """
     workflow, _ = train(
-        dataset_dir, tmp_path, max_epochs=4, epoch_length=300, val_interval=1, log_interval=100, clip_x0=4.0
+        dataset_dir, tmp_path, max_epochs=4, epoch_length=300, val_interval=1, log_interval=100, clip_x0=4.0,
+        prediction_type="sample",
     )
     best = workflow.parser.get_parsed_content("validate#evaluator").state.best_metric
 
     item = workflow.parser.get_parsed_content("validate#dataset")[0]
     target, scale = item["target"][None], item["norm_scale"]
-    g = torch.Generator().manual_seed(0)
     lo, hi = target.amin(1), target.amax(1)
-    in_skull_box = chamfer_distance(torch.rand(target.shape, generator=g) * 6 - 3, target, squared=False) * scale
-    in_defect_box = chamfer_distance(lo + (hi - lo) * torch.rand(target.shape, generator=g), target, squared=False) * scale
-    print(f"best val_chamfer {best:.2f} voxels; random points in the skull box {in_skull_box.item():.2f}, "
-          f"in the implant box {in_defect_box.item():.2f}")
-    assert best < 0.5 * in_skull_box.item()
+    in_box = lo + (hi - lo) * torch.rand(target.shape, generator=torch.Generator().manual_seed(0))
+    in_defect_box = chamfer_distance(in_box, target, squared=False).item() * scale
+    print(f"best val_chamfer {best:.2f} voxels; random points in the implant box {in_defect_box:.2f}")
+    assert best < 0.9 * in_defect_box
 
 
 def test_latest_checkpoint_is_the_highest_loadable_iteration(tmp_path):
