@@ -1,0 +1,118 @@
+"""Quality / speed study: every sampler setting and the U-Net baseline on the same held-out cases.
+
+Each setting runs the bundle's own configs (``configs/inference.json`` or
+``configs/inference_unet.json``) through ``ConfigWorkflow`` with overrides, then scores the
+implants with ``configs/evaluate.json`` (:func:`scripts.evaluate.evaluate_predictions`). A setting
+whose ``summary.json`` exists already is scored without running inference again, so an
+interrupted study resumes. Prints a markdown table and writes ``<output_dir>/study.json``.
+
+    python -m scripts.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+from monai.bundle import ConfigWorkflow
+
+from scripts.data.datalist import build_datalist
+from scripts.evaluate import evaluate_predictions
+from scripts.io import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> inference.json overrides; "score" is the implant file that is evaluated
+SETTINGS = {
+    "DDPM-1000": {"sampler": "ddpm", "steps": 1000},
+    "DDIM-10": {"sampler": "ddim", "steps": 10},
+    "DDIM-25": {"sampler": "ddim", "steps": 25},
+    "DDIM-50": {"sampler": "ddim", "steps": 50},
+    "DPM++2M-10": {"sampler": "dpmpp_2m", "steps": 10},
+    "DPM++2M-20": {"sampler": "dpmpp_2m", "steps": 20},
+    "DDIM-25 5-member mean": {"sampler": "ddim", "steps": 25, "num_samples": 5},
+}
+UNET = "U-Net baseline"
+
+
+def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str = "skullbreak") -> list[dict]:
+    """The first ``num_cases`` entries of the test split (skull by skull, all defect classes of each)."""
+    cases = build_datalist(dataset, dataset_dir)["test"][:num_cases]
+    if len(cases) < num_cases:
+        raise ValueError(f"{dataset_dir}: the test split has only {len(cases)} cases, {num_cases} requested")
+    return cases
+
+
+def _run(config: str, cases: list[dict], out: Path, **overrides) -> list[dict]:
+    """Run one inference config on ``cases`` into ``out`` unless it finished before; returns the case summaries."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        workflow = ConfigWorkflow(
+            config_file=str(ROOT / "configs" / config), meta_file=str(ROOT / "configs" / "metadata.json"),
+            logging_file=False, workflow_type="infer", bundle_root=str(ROOT), input=cases, output_dir=str(out),
+            **overrides,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    return json.loads(summary.read_text())
+
+
+def _row(name: str, report: dict, summaries: list[dict], calls: int | None) -> dict:
+    """One table row: mean metrics (and per defect class) from the evaluation report, mean seconds per case."""
+    mean = {k: v["mean"] for k, v in report["metrics"].items()}
+    return {
+        "setting": name, "network_calls": calls, "cases": report["num_cases"],
+        "dsc": mean["dsc"], "bdsc": mean["bdsc"], "hd95_mm": mean["hd95"],
+        "seconds_per_case": float(np.mean([s["timings_s"]["total"] for s in summaries])),
+        "dsc_per_defect": {d: part["metrics"]["dsc"]["mean"] for d, part in report["per_defect"].items()},
+    }
+
+
+def _markdown(rows: list[dict]) -> str:
+    lines = ["| setting | network calls | cases | DSC | bDSC | HD95 (mm) | s / case |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        calls = "-" if r["network_calls"] is None else str(r["network_calls"])
+        lines.append(f"| {r['setting']} | {calls} | {r['cases']} | {r['dsc']:.3f} | {r['bdsc']:.3f} | "
+                     f"{r['hd95_mm']:.2f} | {r['seconds_per_case']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
+         unet_weights: str | None = None, seed: int = 0, **overrides) -> str:
+    """Run the study; ``settings``: comma-separated names of SETTINGS (default all), plus the U-Net
+    row when ``unet_weights`` is given. ``overrides`` go to configs/inference.json (e.g. preset)."""
+    cases = held_out_cases(dataset_dir, num_cases)
+    names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    out = Path(output_dir)
+    rows = []
+    for name in names:
+        setting = {"num_samples": 1, **SETTINGS[name]}
+        folder = out / name.replace("+", "p").replace(" ", "_")
+        start = time.perf_counter()
+        summaries = _run("inference.json", cases, folder, stl=False, preview=False, progress=False, seed=seed,
+                         **setting, **overrides)
+        score = "implant_mean" if setting["num_samples"] > 1 else "implant"
+        report = evaluate_predictions(cases, folder, folder / "evaluation", prediction_name=score)
+        rows.append(_row(name, report, summaries, setting["steps"]))
+        print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if unet_weights:
+        folder = out / "unet"
+        summaries = _run("inference_unet.json", cases, folder, weights=str(unet_weights))
+        report = evaluate_predictions(cases, folder, folder / "evaluation")
+        rows.append(_row(UNET, report, summaries, 1))
+    atomic_write(out / "study.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)), overwrite=True)
+    table = _markdown(rows)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
