@@ -6,7 +6,7 @@ import torch
 from skimage.measure import marching_cubes
 
 from scripts.networks.dpsr import indicator_to_mask, voxel_to_unit
-from scripts.networks.sap import SAPVoxelizer, UNet3D, gt_indicator, sap_loss
+from scripts.networks.sap import SAPIndicator, SAPVoxelizer, UNet3D, gt_indicator, sap_loss
 
 SIZE = 32
 
@@ -115,3 +115,16 @@ def test_short_training_reduces_loss():
     with torch.no_grad():
         pred = indicator_to_mask(model(points)["indicator"][0], masks[0].shape).numpy()
     assert (pred & masks[0]).sum() > 0.3 * masks[0].sum()  # the shell starts to appear
+
+
+def test_sap_indicator_is_the_voxelizer_indicator_channel_first():
+    """SAPIndicator (the export / verify_net_in_out interface) loads SAPVoxelizer weights and returns its
+    indicator: (B, 3, N) points -> (B, 1, r, r, r)."""
+    vox = SAPVoxelizer("tiny").eval()
+    wrapped = SAPIndicator("tiny").eval()
+    wrapped.load_state_dict(vox.state_dict())
+    points = torch.rand(2, 300, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = wrapped(points.transpose(1, 2))
+        assert out.shape == (2, 1, 32, 32, 32)
+        assert torch.equal(out[:, 0], vox(points)["indicator"])

@@ -165,6 +165,22 @@ class _PoissonSolve(torch.autograd.Function):
         return grad_weight, grad_normals, None, None, None
 
 
+def _poisson_solve_traceable(weight, normals, idx, kernel, deriv):
+    """The map of :class:`_PoissonSolve` in plain torch ops, whole batch at once (autograd backward).
+
+    Used under ``torch.jit.trace``: a custom autograd Function is recorded as a Python call, which
+    ``torch.jit.save`` cannot serialise ("Could not export Python function call '_PoissonSolve'").
+    """
+    b, r = weight.shape[0], kernel.shape[0]
+    flat_idx, spec = idx.reshape(b, -1), None
+    for c in range(3):
+        values = (weight * normals[..., c, None]).reshape(b, -1)
+        grid = weight.new_zeros(b, r * r * r).scatter_add(1, flat_idx, values).view(b, r, r, r)
+        term = torch.fft.rfftn(grid, dim=(1, 2, 3)) * deriv[c]
+        spec = term if spec is None else spec + term
+    return torch.fft.irfftn(spec * kernel, s=(r, r, r), dim=(1, 2, 3))
+
+
 class DPSR(torch.nn.Module):
     """Differentiable Poisson solver on a periodic ``res^3`` grid.
 
@@ -196,7 +212,8 @@ class DPSR(torch.nn.Module):
             raise ValueError(f"points/normals must share a float dtype, got {points.dtype} and {normals.dtype}")
         idx, weight = _trilinear_corners(points, self.res)
         kernel, deriv = spectral_operators(self.res, self.sigma, points.dtype, points.device)
-        phi = _PoissonSolve.apply(weight, normals, idx, kernel, deriv)
+        solve = _poisson_solve_traceable if torch.jit.is_tracing() else _PoissonSolve.apply
+        phi = solve(weight, normals, idx, kernel, deriv)
         batch = torch.arange(phi.shape[0], device=phi.device)
         if self.shift:  # mean of phi at the points (trilinear)
             offset = (phi.view(phi.shape[0], -1)[batch[:, None, None], idx] * weight).sum(-1).mean(-1)

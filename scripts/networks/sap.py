@@ -23,7 +23,7 @@ from torch import nn
 from .dpsr import DPSR, cube_side, nearest_node_index
 
 __all__ = [
-    "PRESETS", "SAPVoxelizer", "LocalPoolPointNet", "LocalDecoder", "ResBlockFC", "UNet3D", "gt_indicator", "sap_loss",
+    "PRESETS", "SAPVoxelizer", "SAPIndicator", "LocalPoolPointNet", "LocalDecoder", "ResBlockFC", "UNet3D", "gt_indicator", "sap_loss",
 ]
 
 PRESETS: dict[str, dict] = {
@@ -210,6 +210,20 @@ class SAPVoxelizer(nn.Module):
         """Points (B, N, 3) in [0, 1)^3 -> dict(indicator (B, r, r, r), points, normals (B, K*N, 3))."""
         moved, normals = self.oriented_points(points)
         return {"indicator": self.dpsr(moved, normals), "points": moved, "normals": normals}
+
+
+class SAPIndicator(SAPVoxelizer):
+    """:class:`SAPVoxelizer` with a single-tensor interface for MONAI's bundle tools.
+
+    ``forward(points (B, 3, N) channel-first in [0, 1)^3) -> indicator (B, 1, r, r, r)``: the
+    ``(B, C, *spatial)`` layout that ``verify_net_in_out`` feeds and checks, and a tensor output that
+    ``torch.jit.trace`` (``ckpt_export --use_trace``) accepts. Same parameters and state dict as
+    :class:`SAPVoxelizer`, so its weight files load unchanged.
+    """
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        moved, normals = self.oriented_points(points.transpose(1, 2))
+        return self.dpsr(moved, normals).unsqueeze(1)
 
 
 def gt_indicator(mask, res: int, side: int | None = None) -> torch.Tensor:
