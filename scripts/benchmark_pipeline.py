@@ -42,7 +42,7 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
         load_weights(voxelizer, voxelizer_weights)
     cfg = PRESETS[preset]
     generator = ImplantGenerator(
-        denoiser, voxelizer, ConditionalDiffusion(), cfg["num_condition"], cfg["num_points"] - cfg["num_condition"],
+        denoiser, voxelizer, ConditionalDiffusion(clip_x0=4.0), cfg["num_condition"], cfg["num_points"] - cfg["num_condition"],
         sampler=sampler, steps=steps, num_samples=num_samples, seed=seed, progress=False,
     )
     start = time.perf_counter()
