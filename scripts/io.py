@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def volume3d(x, name: str) -> np.ndarray:
@@ -189,6 +191,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the result normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,5 +1,7 @@
 """Mask I/O: geometry-preserving round trips, validation errors, atomic and non-clobbering writes."""
 
+import os
+
 import nibabel as nib
 import nrrd
 import numpy as np
@@ -72,6 +74,9 @@ def test_atomic_write_and_overwrite_refusal(tmp_path):
     save_mask(path, _mask(seed=2), _affine(), overwrite=True)
     np.testing.assert_array_equal(load_mask(path)[0].numpy(), _mask(seed=2))
     assert [p.name for p in path.parent.iterdir()] == ["m.nii.gz"]  # no temp files left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # normal permissions, not mkstemp's 0600
     with pytest.raises(ValueError, match="invertible"):  # failed write leaves nothing either
         save_mask(tmp_path / "sub" / "bad.nrrd", _mask(), np.diag([1.0, 0.0, 1.0, 1.0]))
     assert [p.name for p in path.parent.iterdir()] == ["m.nii.gz"]
