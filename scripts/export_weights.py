@@ -24,6 +24,8 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, key: s
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or not isinstance(state.get(key), dict):
+        if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KeyError(f"{checkpoint}: is a bare state dict already; copy it as it is")
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise KeyError(f"{checkpoint}: no state dict under {key!r} (has {keys})")
     return atomic_write(out, lambda tmp: torch.save(state[key], tmp), overwrite=overwrite)

@@ -83,9 +83,10 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
-         unet_weights: str | None = None, seed: int = 0, **overrides) -> str:
+         unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0, **overrides) -> str:
     """Run the study; ``settings``: comma-separated names of SETTINGS (default all), plus the U-Net
-    row when ``unet_weights`` is given. ``overrides`` go to configs/inference.json (e.g. preset)."""
+    row when ``unet_weights`` is given (``unet_overrides`` go to configs/inference_unet.json, e.g.
+    ``{'working_size': 64}``). ``overrides`` go to configs/inference.json (e.g. preset)."""
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS]
@@ -105,7 +106,7 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     if unet_weights:
         folder = out / "unet"
-        summaries = _run("inference_unet.json", cases, folder, weights=str(unet_weights))
+        summaries = _run("inference_unet.json", cases, folder, weights=str(unet_weights), **(unet_overrides or {}))
         report = evaluate_predictions(cases, folder, folder / "evaluation")
         rows.append(_row(UNET, report, summaries, 1))
     atomic_write(out / "study.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)), overwrite=True)
