@@ -154,3 +154,19 @@ def test_weights_must_exist_and_match_the_preset(tmp_path):
         load_weights(PVCNN2Denoiser("tiny"), ROOT / "models" / "denoiser_small.pt")
     with pytest.raises(ValueError, match="voxelizer_small.pt"):
         load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "voxelizer_small.pt")
+
+
+@pytest.mark.slow
+def test_skull_without_defect_is_not_detected_but_the_volume_guard_stops_tiny_implants(tmp_path, generator):
+    """Documented behaviour (docs/README.md, Limitations): a complete skull still gets an implant proposal
+    where the generated points land; only an implant below ``min_implant_ml`` raises "no defect found"."""
+    from scripts.inference import predict_case
+
+    skull, truth = load_mask(SAMPLE), load_mask(TRUTH)
+    complete = save_mask(tmp_path / "complete.nrrd", (skull[0] > 0) | (truth[0] > 0), skull.affine)
+    summary = predict_case(complete, tmp_path / "out", generator, stl=False, preview=False)
+    assert summary["implant_volume_ml"] > 1.0
+    with pytest.raises(ValueError, match=r"complete.nrrd.*no defect found"):
+        predict_case(complete, tmp_path / "again", generator, stl=False, preview=False,
+                     min_implant_ml=summary["implant_volume_ml"] + 1.0)
+    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
