@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
+
+from bundle_training import train_in_process
 
 from scripts.data.synthetic import generate_skullbreak
 from scripts.diffusion.chamfer import chamfer_distance
@@ -33,20 +33,9 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
-
 def train(dataset_dir, output_dir, **override):
-    """Run the diffusion bundle in-process; returns (workflow, per-iteration training losses)."""
-    workflow = ConfigWorkflow(
-        config_file=CONFIG, workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(output_dir),
-        **{**TINY, **override},
-    )
-    workflow.initialize()
-    losses = []
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
-    workflow.run()
-    workflow.finalize()
-    return workflow, losses
+    """Run the diffusion bundle in-process (tiny preset); returns (workflow, per-iteration training losses)."""
+    return train_in_process(CONFIG, dataset_dir, output_dir, **{**TINY, **override})
 
 
 @pytest.mark.slow

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 from monai.metrics import DiceMetric
+
+from bundle_training import train_in_process
 
 from scripts.data.datalist import build_datalist
 from scripts.data.resample import pad_to_cube
@@ -28,20 +28,12 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
-
 def train(dataset_dir, output_dir, **override):
-    """Run the voxelizer bundle in-process; returns (workflow, per-iteration training losses)."""
-    workflow = ConfigWorkflow(
-        config_file=CONFIG, workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(output_dir),
+    """Run the voxelizer bundle in-process (tiny preset); returns (workflow, per-iteration training losses)."""
+    return train_in_process(
+        CONFIG, dataset_dir, output_dir,
         preset="tiny", dpsr_res=SIZE + 2 * MARGIN, margin=MARGIN, surface_points=8000, **override,
     )
-    workflow.initialize()
-    losses = []
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
-    workflow.run()
-    workflow.finalize()
-    return workflow, losses
 
 
 def test_short_run_augments_validates_and_saves(dataset_dir, tmp_path):

@@ -1,0 +1,19 @@
+"""Shared helper of the trainer tests: run a training config in-process and record its losses."""
+
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+
+def train_in_process(config: str, dataset_dir, output_dir, **overrides):
+    """Run ``config`` (a train workflow) with overrides; returns (workflow, per-iteration training losses)."""
+    workflow = ConfigWorkflow(
+        config_file=config, workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(output_dir),
+        **overrides,
+    )
+    workflow.initialize()
+    losses = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+    workflow.run()
+    workflow.finalize()
+    return workflow, losses
