@@ -19,10 +19,12 @@ from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
 
 ROOT = Path(__file__).resolve().parents[1]
-# printed by every rank after training: a hash of its (unwrapped) weights
+# written by every rank after training: a hash of its (unwrapped) weights, one file per rank (printing
+# them instead let the two processes' lines interleave on the shared stdout, so a line could be lost)
 HASH_EXPR = (
-    "$print('WEIGHTS', torch.distributed.get_rank(), hashlib.sha256(b''.join("
-    "p.detach().cpu().numpy().tobytes() for p in scripts.engines.unwrap(@network).parameters())).hexdigest(), flush=True)"
+    "$pathlib.Path(@output_dir, f'weights_rank{torch.distributed.get_rank()}.sha256').write_text("
+    "hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() "
+    "for p in scripts.engines.unwrap(@network).parameters())).hexdigest())"
 )
 
 
@@ -40,10 +42,10 @@ def dataset_dir(tmp_path_factory):
 
 def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
     """Run train_<name>.json + multi_gpu_train_<name>.json on 2 CPU processes; returns the combined log."""
-    check = out.parent / f"hash_{name}.json"  # test-only override: print the weight hash, then finalize as usual
+    check = out.parent / f"hash_{name}.json"  # test-only override: write the weight hashes, then finalize as usual
     imports = json.loads((ROOT / f"configs/train_{name}.json").read_text())["imports"]
     finalize = json.loads((ROOT / f"configs/multi_gpu_train_{name}.json").read_text())["finalize"]
-    check.write_text(json.dumps({"imports": [*imports, "$import hashlib"], "finalize": [HASH_EXPR, *finalize]}))
+    check.write_text(json.dumps({"imports": [*imports, "$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))
     configs = f"['configs/train_{name}.json','configs/multi_gpu_train_{name}.json','{check}']"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -60,8 +62,9 @@ def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
 
 def check_run(log: str, out: Path, network: torch.nn.Module, metric: str) -> None:
     """Both ranks end with identical weights, equal to rank 0's final checkpoint; only rank 0 saves/logs."""
-    hashes = dict(re.findall(r"^WEIGHTS (\d) ([0-9a-f]{64})$", log, flags=re.MULTILINE))
+    hashes = {p.stem.removeprefix("weights_rank"): p.read_text() for p in out.glob("weights_rank*.sha256")}
     assert set(hashes) == {"0", "1"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes.values())
     assert hashes["0"] == hashes["1"]
     assert weights_hash(load_weights(network, out / "checkpoints" / "final.pt")) == hashes["0"]
     # 4 training cases on 2 ranks, batch 1 -> 2 iterations per epoch, 4 in all: one checkpoint per interval
