@@ -127,14 +127,17 @@ class ImplantGenerator:
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
         self.progress = progress
 
+    def condition_points(self, defective: np.ndarray) -> np.ndarray:
+        """Defective mask (X, Y, Z) -> the condition: num_condition surface points (Nc, 3), voxel coords."""
+        surface = mask_to_surface_points(defective, self.surface_points, seed=self.seed)
+        rng = np.random.default_rng(self.seed)
+        return surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)]
+
     @torch.no_grad()
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective mask (X, Y, Z) -> completed clouds (K, N, 3) voxel coords and the generated
         part (K, num_target, 3); the condition is the first num_condition points of each cloud."""
-        surface = mask_to_surface_points(defective, self.surface_points, seed=self.seed)
-        rng = np.random.default_rng(self.seed)
-        pick = rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)
-        condition = torch.from_numpy(surface[pick]).to(self.device)
+        condition = torch.from_numpy(self.condition_points(defective)).to(self.device)
         center, scale = normalization_params(condition)
         cond = normalize_points(condition, center, scale).T.unsqueeze(0)  # (1, 3, Nc)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)

@@ -6,6 +6,10 @@ implants with ``configs/evaluate.json`` (:func:`scripts.evaluate.evaluate_predic
 whose ``summary.json`` exists already is scored without running inference again, so an
 interrupted study resumes. Prints a markdown table and writes ``<output_dir>/study.json``.
 
+The ``TRUE_POINTS`` setting replaces the diffusion model by points drawn on the true implant's
+surface (same number, same condition, voxelizer and post-processing): the score a perfect denoiser
+would get, which separates the two networks' shares of the error.
+
     python -m scripts.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
 """
 
@@ -20,9 +24,12 @@ import fire
 import numpy as np
 from monai.bundle import ConfigWorkflow
 
-from scripts.data.datalist import build_datalist
+from scripts.data.datalist import build_datalist, case_id
+from scripts.data.points import mask_to_surface_points
+from scripts.data.resample import pad_to_cube
 from scripts.evaluate import evaluate_predictions
-from scripts.io import atomic_write
+from scripts.inference import ImplantGenerator, predict_case
+from scripts.io import atomic_write, is_isotropic, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +42,30 @@ SETTINGS = {
     "DPM++2M-10": {"sampler": "dpmpp_2m", "steps": 10},
     "DPM++2M-20": {"sampler": "dpmpp_2m", "steps": 20},
     "DDIM-25 5-member mean": {"sampler": "ddim", "steps": 25, "num_samples": 5},
+    "DDIM-10 5-member mean": {"sampler": "ddim", "steps": 10, "num_samples": 5},
 }
+TRUE_POINTS = "True implant points"
 UNET = "U-Net baseline"
+
+
+class TruePointsGenerator(ImplantGenerator):
+    """:class:`ImplantGenerator` whose "generated" points are num_target Poisson-disk points on the
+    true implant's surface (file ``truth``, set before each case; isotropic, on the defective skull's
+    grid) instead of diffusion samples. Every member gets the same cloud."""
+
+    truth: str | None = None
+
+    def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Defective cube mask (X, Y, Z) -> clouds (K, N, 3) and their implant part (K, num_target, 3), voxel coords."""
+        implant = load_mask(self.truth)
+        if not is_isotropic(implant):
+            raise ValueError(f"{self.truth}: the true-points setting needs isotropic masks")
+        cube = np.asarray(pad_to_cube(implant, defective.shape[0])[0]) > 0
+        target = mask_to_surface_points(cube, self.num_target, seed=self.seed)
+        cloud = np.concatenate([self.condition_points(defective), target])
+        clouds = np.repeat(cloud[None].astype(np.float32), self.num_samples, axis=0)
+        self.diffusion.last_model_calls = 0
+        return clouds, clouds[:, self.num_condition :]
 
 
 def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str = "skullbreak") -> list[dict]:
@@ -62,6 +91,25 @@ def _run(config: str, cases: list[dict], out: Path, **overrides) -> list[dict]:
     return json.loads(summary.read_text())
 
 
+def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:
+    """The TRUE_POINTS setting: configs/inference.json with :class:`TruePointsGenerator`, case by case."""
+    summary = out / "summary.json"
+    if not summary.is_file():
+        workflow = ConfigWorkflow(
+            config_file=str(ROOT / "configs" / "inference.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
+            logging_file=False, workflow_type="infer", bundle_root=str(ROOT),
+            **{"generator#_target_": f"{__name__}.TruePointsGenerator", **overrides},
+        )
+        workflow.initialize()
+        generator = workflow.parser.get_parsed_content("generator")
+        summaries = []
+        for case in cases:
+            generator.truth = case["implant"]
+            summaries.append(predict_case(case["defective"], out, generator, case_id(case), stl=False, preview=False))
+        atomic_write(summary, lambda tmp: Path(tmp).write_text(json.dumps(summaries, indent=2)), overwrite=True)
+    return json.loads(summary.read_text())
+
+
 def _row(name: str, report: dict, summaries: list[dict], calls: int | None) -> dict:
     """One table row: mean metrics (and per defect class) from the evaluation report, mean seconds per case."""
     mean = {k: v["mean"] for k, v in report["metrics"].items()}
@@ -84,22 +132,27 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
          unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0, **overrides) -> str:
-    """Run the study; ``settings``: comma-separated names of SETTINGS (default all), plus the U-Net
+    """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINTS (default: all
+    SETTINGS), plus the U-Net
     row when ``unet_weights`` is given (``unet_overrides`` go to configs/inference_unet.json, e.g.
     ``{'working_size': 64}``). ``overrides`` go to configs/inference.json (e.g. preset)."""
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
-    unknown = [n for n in names if n not in SETTINGS]
+    unknown = [n for n in names if n not in SETTINGS and n != TRUE_POINTS]
     if unknown:
-        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS) + [TRUE_POINTS]}")
     out = Path(output_dir)
     rows = []
     for name in names:
-        setting = {"num_samples": 1, **SETTINGS[name]}
         folder = out / name.replace("+", "p").replace(" ", "_")
         start = time.perf_counter()
-        summaries = _run("inference.json", cases, folder, stl=False, preview=False, progress=False, seed=seed,
-                         **setting, **overrides)
+        if name == TRUE_POINTS:
+            summaries = _run_true_points(cases, folder, progress=False, seed=seed, **overrides)
+            setting = {"num_samples": 1, "steps": 0}
+        else:
+            setting = {"num_samples": 1, **SETTINGS[name]}
+            summaries = _run("inference.json", cases, folder, stl=False, preview=False, progress=False, seed=seed,
+                             **setting, **overrides)
         score = "implant_mean" if setting["num_samples"] > 1 else "implant"
         report = evaluate_predictions(cases, folder, folder / "evaluation", prediction_name=score)
         rows.append(_row(name, report, summaries, setting["steps"]))

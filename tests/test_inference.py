@@ -170,3 +170,20 @@ def test_skull_without_defect_is_not_detected_but_the_volume_guard_stops_tiny_im
         predict_case(complete, tmp_path / "again", generator, stl=False, preview=False,
                      min_implant_ml=summary["implant_volume_ml"] + 1.0)
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+
+
+@pytest.mark.slow
+def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
+    """The quality study's TRUE_POINTS setting: the shipped voxelizer and post-processing turn points
+    on the true implant's surface (in place of diffusion samples) into an implant close to the truth."""
+    from scripts.inference import predict_case
+    from scripts.metrics import dice
+    from scripts.quality_study import TruePointsGenerator
+
+    generator = _generator(**{"generator#_target_": "scripts.quality_study.TruePointsGenerator"})
+    assert isinstance(generator, TruePointsGenerator)
+    generator.truth = str(TRUTH)
+    summary = predict_case(SAMPLE, tmp_path, generator, stl=False, preview=False)
+    implant, truth = load_mask(tmp_path / "defective_skull" / "implant.nrrd"), load_mask(TRUTH)
+    assert summary["network_calls"] == 0
+    assert dice(implant[0] > 0, truth[0] > 0) > 0.85
