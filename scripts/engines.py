@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _CKPT_ITERATION = re.compile(r"iteration=(\d+)\.pt$")
 FINAL_CHECKPOINT = "final.pt"
+OPTIONAL_CHECKPOINT_OBJECTS = {"lr_scheduler"}  # may be missing from checkpoints of older bundle versions
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -59,12 +60,22 @@ def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: 
     """[CheckpointLoader] for the newest loadable checkpoint in ckpt_dir, or [] for a fresh run.
 
     load_dict must include the trainer so the iteration/epoch counters resume too.
+    A checkpoint written before the configs had an ``lr_scheduler`` resumes without it (the schedule
+    restarts, with a warning); any other missing object raises ValueError naming the file.
     """
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return []
+    stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    missing = sorted(set(load_dict) - set(stored))
+    if set(missing) - OPTIONAL_CHECKPOINT_OBJECTS:
+        raise ValueError(f"checkpoint {path} lacks {missing} (stored: {sorted(stored)}); it does not belong to "
+                         "this training config: move it out of the checkpoint folder to start afresh")
+    if missing:
+        logger.warning("checkpoint %s lacks %s: resuming without it (its state starts afresh)", path, missing)
     logger.info("resuming from %s", path)
-    return [CheckpointLoader(load_path=path, load_dict=load_dict, map_location=map_location)]
+    load = {k: v for k, v in load_dict.items() if k not in missing}
+    return [CheckpointLoader(load_path=path, load_dict=load, map_location=map_location)]
 
 
 def attach_checkpointing(

@@ -18,7 +18,7 @@ from bundle_training import train_in_process
 
 from scripts.data.synthetic import generate_skullbreak
 from scripts.diffusion.chamfer import chamfer_distance
-from scripts.engines import checkpoint_files, latest_checkpoint
+from scripts.engines import attach_checkpointing, checkpoint_files, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/train_diffusion.json"
@@ -97,6 +97,49 @@ def test_latest_checkpoint_is_the_highest_loadable_iteration(tmp_path):
     newest.write_bytes(newest.read_bytes()[:100])
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_iteration=110.pt")
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_resume_from_a_checkpoint_without_lr_scheduler(tmp_path, caplog):
+    """Checkpoints of older bundle versions lack the lr_scheduler: training resumes with a warning;
+    a checkpoint lacking the network is refused with a message naming the file."""
+    from ignite.engine import Engine, Events
+
+    def objects():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        opt = torch.optim.Adam(net.parameters(), 1e-2)
+        return net, opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+
+    def step(net, opt):
+        def update(engine, batch):
+            opt.zero_grad()
+            loss = (net(batch) ** 2).mean()
+            loss.backward()
+            opt.step()
+        return update
+
+    data = [torch.ones(2, 3)] * 4
+    net, opt, _ = objects()
+    first = Engine(step(net, opt))
+    attach_checkpointing(first, tmp_path, {"network": net, "optimizer": opt}, interval=4)  # older config
+    first.run(data, max_epochs=1)
+    trained = {k: v.clone() for k, v in net.state_dict().items()}
+
+    net, opt, scheduler = objects()
+    second = Engine(step(net, opt))
+    attach_checkpointing(second, tmp_path, {"network": net, "optimizer": opt, "lr_scheduler": scheduler}, interval=4)
+    seen = []
+    second.add_event_handler(Events.STARTED, lambda e: seen.append({k: v.clone() for k, v in net.state_dict().items()}))
+    with caplog.at_level("WARNING"):
+        second.run(data, max_epochs=2)
+    assert "lacks ['lr_scheduler']" in caplog.text
+    assert all(torch.equal(seen[0][k], trained[k]) for k in trained)  # the stored weights were loaded
+    assert second.state.iteration == 8  # and the counters: one more epoch
+
+    torch.save({"trainer": {"iteration": 9, "epoch_length": 4, "max_epochs": 3}}, tmp_path / "checkpoint_iteration=9.pt")
+    net, opt, _ = objects()
+    with pytest.raises(ValueError, match=r"checkpoint_iteration=9.pt lacks \['network', 'optimizer'\]"):
+        attach_checkpointing(Engine(step(net, opt)), tmp_path, {"network": net, "optimizer": opt}, interval=4)
 
 
 def _iterations_logged(log: str) -> int:
