@@ -11,6 +11,9 @@ Two ways to turn K ensemble members into one implant:
 * per-member order: ``postprocess_member`` per member -> ``ensemble_mean_and_variance`` on the K
   cleaned implants, which also gives the voxel-wise probability and variance (uncertainty) maps.
 
+``postprocess_ensemble`` does both, as the inference pipeline uses them: the reference order for the
+ensemble implant, the per-member order for the members and the uncertainty maps.
+
 Morphology follows the reference post-processing. Its DIPlib 3x3x3 structuring element has DIPlib's
 default "elliptic" shape, a digital ball of diameter 3, which we take as the 18-connected ``BALL3``
 below. Opening and closing are idempotent, so the reference's applying each twice equals doing it once.
@@ -39,6 +42,7 @@ __all__ = [
     "clean_implant",
     "implant_from_complete",
     "postprocess_member",
+    "postprocess_ensemble",
     "majority_vote",
     "combine_completes",
     "ensemble_mean_and_variance",
@@ -256,6 +260,33 @@ def ensemble_mean_and_variance(implants) -> tuple[np.ndarray, np.ndarray, np.nda
     votes, threshold = _votes(stack)
     probability = votes.astype(np.float32) / stack.shape[0]
     return votes >= threshold, probability, probability * (1 - probability)
+
+
+def postprocess_ensemble(indicators, defective, implant_points_vox, dilate: int = 1,
+                         max_distance_vox: float = 10.0) -> dict[str, np.ndarray]:
+    """K members' indicators -> their implants and the ensemble implant and statistics.
+
+    Args:
+        indicators: float (K, X, Y, Z) DPSR indicator grids (inside <= 0).
+        defective: bool (X, Y, Z).
+        implant_points_vox: float (K, M, 3) each member's generated points, voxel coordinates.
+        dilate, max_distance_vox: see :func:`complete_from_indicator` / :func:`implant_from_complete`.
+    Returns:
+        "completes", "implants": bool (K, X, Y, Z); "implant_mean": bool (X, Y, Z) in the reference
+        order (majority vote on the complete skulls, then subtract and clean, filtered by all members'
+        points); "probability", "variance": float32 (X, Y, Z) of the K cleaned implants. For K = 1 the
+        mean is the member itself and the two maps are None (nothing to vote on, no variance).
+    """
+    points = np.asarray(convert_to_numpy(implant_points_vox))
+    completes = np.stack([complete_from_indicator(g, dilate) for g in indicators])
+    implants = np.stack([implant_from_complete(c, defective, p, max_distance_vox) for c, p in zip(completes, points)])
+    if len(implants) == 1:
+        return {"completes": completes, "implants": implants, "implant_mean": implants[0], "probability": None,
+                "variance": None}
+    _, probability, variance = ensemble_mean_and_variance(implants)
+    mean = implant_from_complete(combine_completes(completes), defective, points.reshape(-1, 3), max_distance_vox)
+    return {"completes": completes, "implants": implants, "implant_mean": mean, "probability": probability,
+            "variance": variance}
 
 
 def require_implant(implant, min_voxels: int = 1, name: str = "implant") -> int:

@@ -35,13 +35,7 @@ from scripts.data.datalist import case_id
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.data.resample import crop_from_cube, pad_to_cube, to_isotropic, to_original_grid
 from scripts.export import save_preview, save_stl
-from scripts.implant import (
-    combine_completes,
-    complete_from_indicator,
-    ensemble_mean_and_variance,
-    implant_from_complete,
-    require_implant,
-)
+from scripts.implant import postprocess_ensemble, require_implant
 from scripts.io import MASK_SUFFIXES, atomic_write, is_isotropic, load_mask, mask_spacing, mask_suffix, save_mask
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
@@ -163,7 +157,7 @@ class ImplantGenerator:
 
     def __call__(self, defective: np.ndarray) -> dict:
         """Defective mask (X, Y, Z) on an isotropic cube grid -> dict with "completes" (K, X, Y, Z)
-        bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool, "probability"/"variance" float32,
+        bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool, "probability"/"variance" float32 (None for K = 1),
         "points" (K, N, 3) and "timings" (s)."""
         timings = {}
         start = time.perf_counter()
@@ -173,20 +167,9 @@ class ImplantGenerator:
         grids = self.indicators(clouds, defective.shape)
         timings["voxelization"] = time.perf_counter() - start
         start = time.perf_counter()
-        completes = np.stack([complete_from_indicator(g.numpy(), self.dilate) for g in grids])
-        implants = np.stack(
-            [implant_from_complete(c, defective, g, self.max_distance_vox) for c, g in zip(completes, generated)]
-        )
-        _, probability, variance = ensemble_mean_and_variance(implants)
-        # reference order for the ensemble implant: vote on the complete skulls, then subtract and clean
-        mean = implant_from_complete(
-            combine_completes(completes), defective, generated.reshape(-1, 3), self.max_distance_vox
-        )
+        result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
         timings["postprocessing"] = time.perf_counter() - start
-        return {
-            "completes": completes, "implants": implants, "implant_mean": mean, "probability": probability,
-            "variance": variance, "points": clouds, "timings": timings,
-        }
+        return {**result, "points": clouds, "timings": timings}
 
 
 def _to_input_grid(volume: np.ndarray, cube: MetaTensor, iso: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:

@@ -18,6 +18,7 @@ from scripts.implant import (
     largest_component,
     majority_vote,
     median_smooth,
+    postprocess_ensemble,
     postprocess_member,
     raw_implant,
     require_implant,
@@ -191,6 +192,25 @@ def test_postprocess_member_recovers_the_defect():
     near = postprocess_member(stray, defective, points, dilate=0, max_distance_vox=4.0, opening=0, median=1, closing=0)
     assert not near[:10, :10, :10].any() and dice(near, cap) > 0.95
     assert np.array_equal(implant_from_complete(sdf <= 0, defective), exact)
+
+
+def test_postprocess_ensemble_members_mean_and_uncertainty():
+    sdf, shell, cap = shell_case()
+    defective = shell & ~cap
+    indicators = np.stack([sdf, sdf - 0.6, sdf + 0.6])  # thicker / thinner completions
+    points = np.stack([np.argwhere(cap)[k::9].astype(np.float32) for k in range(3)])
+    out = postprocess_ensemble(indicators, defective, points, dilate=0, max_distance_vox=6.0)
+    for k in range(3):
+        assert np.array_equal(out["implants"][k], postprocess_member(indicators[k], defective, points[k], dilate=0,
+                                                                      max_distance_vox=6.0))
+    assert np.array_equal(out["completes"], indicators <= 0)
+    # the ensemble implant: vote on the complete skulls (the median member here), then subtract and clean
+    assert np.array_equal(out["implant_mean"], implant_from_complete(sdf <= 0, defective, points.reshape(-1, 3), 6.0))
+    votes = out["implants"].sum(0)
+    assert np.allclose(out["probability"], votes / 3) and np.allclose(out["variance"], votes / 3 * (1 - votes / 3))
+    assert dice(out["implant_mean"], cap) > 0.95 and out["variance"][cap].max() > 0  # members disagree at the rim
+    single = postprocess_ensemble(indicators[:1], defective, points[:1], dilate=0, max_distance_vox=6.0)
+    assert np.array_equal(single["implant_mean"], out["implants"][0]) and single["variance"] is None
 
 
 def test_majority_vote_odd_even_and_inputs():
