@@ -81,6 +81,7 @@ class ImplantGenerator:
         diffusion: :class:`~scripts.diffusion.process.ConditionalDiffusion`.
         num_condition, num_target: points given / generated (the denoiser's preset).
         sampler, steps: sampler name and network calls (``steps`` ignored by "ddpm").
+        eta: DDIM's noise scale (0: deterministic DDIM; 1: ancestral-like); only for "ddim".
         num_samples: ensemble members, sampled in one batch.
         seed: seeds surface sampling, condition draw and sampler noise.
         surface_points: Poisson-disk points drawn on the defective skull before the condition draw.
@@ -99,6 +100,7 @@ class ImplantGenerator:
         num_target: int,
         sampler: str = "ddim",
         steps: int | None = 50,
+        eta: float = 0.0,
         num_samples: int = 1,
         seed: int = 0,
         surface_points: int | None = None,
@@ -110,12 +112,14 @@ class ImplantGenerator:
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if eta < 0 or (eta and sampler != "ddim"):
+            raise ValueError(f"eta must be >= 0 and is a DDIM option; got eta={eta} with sampler {sampler!r}")
         self.device = torch.device(device)
         self.denoiser = denoiser.to(self.device).eval()
         self.voxelizer = voxelizer.to(self.device).eval()
         self.diffusion = diffusion
         self.num_condition, self.num_target = int(num_condition), int(num_target)
-        self.sampler, self.steps = sampler, (None if sampler == "ddpm" else steps)
+        self.sampler, self.steps, self.eta = sampler, (None if sampler == "ddpm" else steps), float(eta)
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.surface_points = int(surface_points or 4 * num_condition)
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
@@ -137,7 +141,7 @@ class ImplantGenerator:
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         clouds = self.diffusion.sample_ensemble(
             self.denoiser, cond, self.num_samples, self.num_target, sampler=self.sampler, steps=self.steps,
-            generator=generator, progress=self.progress,
+            eta=self.eta, generator=generator, progress=self.progress,
         )
         clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
         return clouds, clouds[:, self.num_condition :]
@@ -252,6 +256,7 @@ def predict_case(
             "num_samples": generator.num_samples,
             "sampler": generator.sampler,
             "steps": generator.steps if generator.sampler != "ddpm" else generator.diffusion.num_timesteps,
+            "eta": generator.eta,
             "network_calls": generator.diffusion.last_model_calls,
             "seed": generator.seed,
             "device": str(generator.device),

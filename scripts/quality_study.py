@@ -41,8 +41,12 @@ SETTINGS = {
     "DDIM-50": {"sampler": "ddim", "steps": 50},
     "DPM++2M-10": {"sampler": "dpmpp_2m", "steps": 10},
     "DPM++2M-20": {"sampler": "dpmpp_2m", "steps": 20},
+    "DDIM-25 eta=1": {"sampler": "ddim", "steps": 25, "eta": 1.0},
+    "DDIM-50 eta=1": {"sampler": "ddim", "steps": 50, "eta": 1.0},
     "DDIM-25 5-member mean": {"sampler": "ddim", "steps": 25, "num_samples": 5},
     "DDIM-10 5-member mean": {"sampler": "ddim", "steps": 10, "num_samples": 5},
+    "DDIM-25 eta=1 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 1.0, "num_samples": 5},
+    "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
 TRUE_POINTS = "True implant points"
 UNET = "U-Net baseline"

@@ -156,6 +156,23 @@ def test_weights_must_exist_and_match_the_preset(tmp_path):
         load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "voxelizer_small.pt")
 
 
+def test_stochastic_ddim_is_seeded_and_eta_needs_ddim():
+    """eta > 0 adds noise at every DDIM step: reproducible from the seed, different from eta 0."""
+    skull = np.asarray(load_mask(SAMPLE)[0]) > 0
+    clouds = {}
+    for eta, seed in ((1.0, 0), (1.0, 0), (1.0, 1), (0.0, 0)):
+        _, clouds[eta, seed] = _generator(steps=4, eta=eta, seed=seed).complete_points(skull)
+    assert np.array_equal(clouds[1.0, 0], _generator(steps=4, eta=1.0).complete_points(skull)[1])
+    assert not np.allclose(clouds[1.0, 0], clouds[1.0, 1]) and not np.allclose(clouds[1.0, 0], clouds[0.0, 0])
+    from scripts.diffusion.process import ConditionalDiffusion
+    from scripts.inference import ImplantGenerator
+
+    for sampler, eta in (("ddpm", 0.5), ("dpmpp_2m", 1.0), ("ddim", -0.1)):
+        with pytest.raises(ValueError, match=f"eta={eta} with sampler '{sampler}'"):
+            ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
+                             sampler=sampler, eta=eta)
+
+
 @pytest.mark.slow
 def test_skull_without_defect_is_not_detected_but_the_volume_guard_stops_tiny_implants(tmp_path, generator):
     """Documented behaviour (docs/README.md, Limitations): a complete skull still gets an implant proposal
