@@ -17,7 +17,7 @@ under the model path (``-m`` / ``HOLOSCAN_MODEL_PATH``) when the bundle folder i
 app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
-        [--preset small] [--num_samples 1] [--sampler ddim] [--steps 50] [--seed 0] [--device cpu]
+        [--preset small] [--num_samples 1] [--sampler ddim] [--steps 50] [--eta 0] [--seed 0] [--device cpu]
         [--denoiser_weights FILE] [--voxelizer_weights FILE]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]
 """
@@ -59,6 +59,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--num_samples", type=int)
     parser.add_argument("--sampler")
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--eta", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device")
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
