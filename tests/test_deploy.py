@@ -71,8 +71,8 @@ def test_overrides_are_inference_config_keys(app_module):
     assert overrides == {"preset": "tiny", "steps": 3, "stl": False}
     assert rest == ["app.py", "-i", "in", "-o", "out", "-l", "DEBUG"]
     every = app_module.parse_overrides(
-        ["app.py", "--preset", "small", "--num_samples", "2", "--sampler", "ddpm", "--steps", "1", "--eta", "0.5", "--seed", "1",
-         "--device", "cpu", "--denoiser_weights", "d.pt", "--voxelizer_weights", "v.pt", "--overwrite",
+        ["app.py", "--preset", "small", "--num_samples", "2", "--sampler", "ddpm", "--steps", "1", "--eta", "0.5",
+         "--seed", "1", "--device", "cpu", "--denoiser_weights", "d.pt", "--voxelizer_weights", "v.pt", "--overwrite",
          "--no-stl", "--no-preview", "--no-progress"]
     )[0]
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
