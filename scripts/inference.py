@@ -81,7 +81,8 @@ class ImplantGenerator:
         diffusion: :class:`~scripts.diffusion.process.ConditionalDiffusion`.
         num_condition, num_target: points given / generated (the denoiser's preset).
         sampler, steps: sampler name and network calls (``steps`` ignored by "ddpm").
-        eta: DDIM's noise scale (0: deterministic DDIM; 1: ancestral-like); only for "ddim".
+        eta: DDIM's noise scale (0: deterministic DDIM; 1: fresh noise at every step); the other
+            samplers ignore it (their noise is fixed by the method), and it is recorded as 0 for them.
         num_samples: ensemble members, sampled in one batch.
         seed: seeds surface sampling, condition draw and sampler noise.
         surface_points: Poisson-disk points drawn on the defective skull before the condition draw.
@@ -112,14 +113,15 @@ class ImplantGenerator:
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if eta < 0 or (eta and sampler != "ddim"):
-            raise ValueError(f"eta must be >= 0 and is a DDIM option; got eta={eta} with sampler {sampler!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
         self.device = torch.device(device)
         self.denoiser = denoiser.to(self.device).eval()
         self.voxelizer = voxelizer.to(self.device).eval()
         self.diffusion = diffusion
         self.num_condition, self.num_target = int(num_condition), int(num_target)
-        self.sampler, self.steps, self.eta = sampler, (None if sampler == "ddpm" else steps), float(eta)
+        self.sampler, self.steps = sampler, (None if sampler == "ddpm" else steps)
+        self.eta = float(eta) if sampler == "ddim" else 0.0
         self.num_samples, self.seed = int(num_samples), int(seed)
         self.surface_points = int(surface_points or 4 * num_condition)
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)

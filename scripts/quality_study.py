@@ -33,18 +33,18 @@ from scripts.io import atomic_write, is_isotropic, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> inference.json overrides; "score" is the implant file that is evaluated
+# name -> inference.json overrides (explicit, so the table does not change with the config's defaults)
 SETTINGS = {
     "DDPM-1000": {"sampler": "ddpm", "steps": 1000},
-    "DDIM-10": {"sampler": "ddim", "steps": 10},
-    "DDIM-25": {"sampler": "ddim", "steps": 25},
-    "DDIM-50": {"sampler": "ddim", "steps": 50},
+    "DDIM-10": {"sampler": "ddim", "steps": 10, "eta": 0.0},
+    "DDIM-25": {"sampler": "ddim", "steps": 25, "eta": 0.0},
+    "DDIM-50": {"sampler": "ddim", "steps": 50, "eta": 0.0},
     "DPM++2M-10": {"sampler": "dpmpp_2m", "steps": 10},
     "DPM++2M-20": {"sampler": "dpmpp_2m", "steps": 20},
     "DDIM-25 eta=1": {"sampler": "ddim", "steps": 25, "eta": 1.0},
     "DDIM-50 eta=1": {"sampler": "ddim", "steps": 50, "eta": 1.0},
-    "DDIM-25 5-member mean": {"sampler": "ddim", "steps": 25, "num_samples": 5},
-    "DDIM-10 5-member mean": {"sampler": "ddim", "steps": 10, "num_samples": 5},
+    "DDIM-25 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 0.0, "num_samples": 5},
+    "DDIM-10 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 0.0, "num_samples": 5},
     "DDIM-25 eta=1 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 1.0, "num_samples": 5},
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }

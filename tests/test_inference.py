@@ -74,9 +74,12 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert implant.shape == skull.shape and torch.allclose(implant.affine, skull.affine)
     assert not (implant.bool() & skull.bool()).any()
     assert implant.sum() > 0
-    # the implant sits in the defect: nearly all of it within 5 voxels (8 mm) of the true implant
-    # (the shipped weights fill only part of the defect: docs/default_weights.md)
-    assert fraction_near(implant, load_mask(TRUTH), 5) > 0.9
+    # the implant sits in the defect: nearly all of it within 5 voxels (8 mm) of the true implant, and it
+    # overlaps the truth (the shipped weights do not fill the defect exactly: docs/default_weights.md)
+    truth = load_mask(TRUTH)
+    assert fraction_near(implant, truth, 5) > 0.9
+    overlap = 2 * (implant.bool() & truth.bool()).sum() / (implant.bool().sum() + truth.bool().sum())
+    assert overlap > 0.25
     variance = LoadImage(image_only=True)(str(case / "implant_variance.nrrd"))
     assert tuple(variance.shape) == tuple(skull.shape[1:])
     assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
@@ -156,7 +159,7 @@ def test_weights_must_exist_and_match_the_preset(tmp_path):
         load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "voxelizer_small.pt")
 
 
-def test_stochastic_ddim_is_seeded_and_eta_needs_ddim():
+def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     """eta > 0 adds noise at every DDIM step: reproducible from the seed, different from eta 0."""
     skull = np.asarray(load_mask(SAMPLE)[0]) > 0
     clouds = {}
@@ -167,10 +170,13 @@ def test_stochastic_ddim_is_seeded_and_eta_needs_ddim():
     from scripts.diffusion.process import ConditionalDiffusion
     from scripts.inference import ImplantGenerator
 
-    for sampler, eta in (("ddpm", 0.5), ("dpmpp_2m", 1.0), ("ddim", -0.1)):
-        with pytest.raises(ValueError, match=f"eta={eta} with sampler '{sampler}'"):
-            ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
-                             sampler=sampler, eta=eta)
+    def build(sampler, eta):
+        return ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
+                                sampler=sampler, eta=eta)
+
+    assert build("ddpm", 1.0).eta == 0.0 and build("dpmpp_2m", 1.0).eta == 0.0 and build("ddim", 0.5).eta == 0.5
+    with pytest.raises(ValueError, match="eta must be >= 0, got -0.1"):
+        build("ddim", -0.1)
 
 
 @pytest.mark.slow
