@@ -263,7 +263,7 @@ def ensemble_mean_and_variance(implants) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def postprocess_ensemble(indicators, defective, implant_points_vox, dilate: int = 1,
-                         max_distance_vox: float = 10.0) -> dict[str, np.ndarray]:
+                         max_distance_vox: float = 10.0) -> dict[str, np.ndarray | None]:
     """K members' indicators -> their implants and the ensemble implant and statistics.
 
     Args:

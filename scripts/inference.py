@@ -163,8 +163,8 @@ class ImplantGenerator:
 
     def __call__(self, defective: np.ndarray) -> dict:
         """Defective mask (X, Y, Z) on an isotropic cube grid -> dict with "completes" (K, X, Y, Z)
-        bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool, "probability"/"variance" float32 (None for K = 1),
-        "points" (K, N, 3) and "timings" (s)."""
+        bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool, "probability"/"variance" float32
+        (None for K = 1), "points" (K, N, 3) and "timings" (s)."""
         timings = {}
         start = time.perf_counter()
         clouds, generated = self.complete_points(defective)

@@ -137,9 +137,9 @@ def _markdown(rows: list[dict]) -> str:
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
          unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0, **overrides) -> str:
     """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINTS (default: all
-    SETTINGS), plus the U-Net
-    row when ``unet_weights`` is given (``unet_overrides`` go to configs/inference_unet.json, e.g.
-    ``{'working_size': 64}``). ``overrides`` go to configs/inference.json (e.g. preset)."""
+    SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
+    configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
+    configs/inference.json (e.g. preset)."""
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS and n != TRUE_POINTS]
