@@ -36,6 +36,22 @@ def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(numbered, key=lambda item: item[0])] + ([final] if final.is_file() else [])
 
 
+def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, set[str]] | None:
+    """(path, names of the stored objects) of the newest loadable checkpoint in ckpt_dir, or None;
+    see :func:`latest_checkpoint`."""
+    latest, latest_iteration = None, -1
+    for path in checkpoint_files(ckpt_dir):
+        try:  # mmap: the zip directory is checked and the trainer state read without loading tensors
+            stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            iteration = int(stored["trainer"]["iteration"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
+            continue
+        if iteration >= latest_iteration:
+            latest, latest_iteration = (str(path), set(stored)), iteration
+    return latest
+
+
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     """Path of the loadable checkpoint in ckpt_dir with the highest stored trainer iteration, or None.
 
@@ -44,16 +60,8 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
     writing leaves a truncated file (MONAI's CheckpointSaver does not write atomically); such a file
     is skipped with a warning, so training resumes from the one before.
     """
-    latest, latest_iteration = None, -1
-    for path in checkpoint_files(ckpt_dir):
-        try:  # mmap: the zip directory is checked and the trainer state read without loading tensors
-            iteration = int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["trainer"]["iteration"])
-        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, not fatal
-            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
-            continue
-        if iteration >= latest_iteration:
-            latest, latest_iteration = str(path), iteration
-    return latest
+    newest = _newest_checkpoint(ckpt_dir)
+    return newest[0] if newest else None
 
 
 def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: str = "cpu") -> list:
@@ -63,11 +71,11 @@ def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: 
     A checkpoint written before the configs had an ``lr_scheduler`` resumes without it (the schedule
     restarts, with a warning); any other missing object raises ValueError naming the file.
     """
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
+    newest = _newest_checkpoint(ckpt_dir)
+    if newest is None:
         return []
-    stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    missing = sorted(set(load_dict) - set(stored))
+    path, stored = newest
+    missing = sorted(set(load_dict) - stored)
     if set(missing) - OPTIONAL_CHECKPOINT_OBJECTS:
         raise ValueError(f"checkpoint {path} lacks {missing} (stored: {sorted(stored)}); it does not belong to "
                          "this training config: move it out of the checkpoint folder to start afresh")
