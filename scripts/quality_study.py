@@ -80,16 +80,21 @@ def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str 
     return cases
 
 
+def _workflow(config: str, **overrides) -> ConfigWorkflow:
+    """The bundle's ``configs/<config>`` as an initialised inference workflow with ``overrides``."""
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / "configs" / config), meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=False, workflow_type="infer", bundle_root=str(ROOT), **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
 def _run(config: str, cases: list[dict], out: Path, **overrides) -> list[dict]:
     """Run one inference config on ``cases`` into ``out`` unless it finished before; returns the case summaries."""
     summary = out / "summary.json"
     if not summary.is_file():
-        workflow = ConfigWorkflow(
-            config_file=str(ROOT / "configs" / config), meta_file=str(ROOT / "configs" / "metadata.json"),
-            logging_file=False, workflow_type="infer", bundle_root=str(ROOT), input=cases, output_dir=str(out),
-            **overrides,
-        )
-        workflow.initialize()
+        workflow = _workflow(config, input=cases, output_dir=str(out), **overrides)
         workflow.run()
         workflow.finalize()
     return json.loads(summary.read_text())
@@ -99,12 +104,7 @@ def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:
     """The TRUE_POINTS setting: configs/inference.json with :class:`TruePointsGenerator`, case by case."""
     summary = out / "summary.json"
     if not summary.is_file():
-        workflow = ConfigWorkflow(
-            config_file=str(ROOT / "configs" / "inference.json"), meta_file=str(ROOT / "configs" / "metadata.json"),
-            logging_file=False, workflow_type="infer", bundle_root=str(ROOT),
-            **{"generator#_target_": f"{__name__}.TruePointsGenerator", **overrides},
-        )
-        workflow.initialize()
+        workflow = _workflow("inference.json", **{"generator#_target_": f"{__name__}.TruePointsGenerator", **overrides})
         generator = workflow.parser.get_parsed_content("generator")
         summaries = []
         for case in cases:
