@@ -59,6 +59,13 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
     }
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """Rows with the same keys -> a markdown table, the keys as its header."""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows])
+
+
 def _make_case(size: int, seed: int, folder: str) -> str:
     from scripts.data.synthetic import skullbreak_case
     from scripts.io import save_mask
@@ -82,11 +89,7 @@ def main(preset: str = "paper", size: int = 512, sampler: str = "ddim", steps: i
             code = f"import json, sys; from scripts.benchmark_pipeline import _one; print(json.dumps(_one(*{args!r})))"
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

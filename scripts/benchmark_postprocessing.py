@@ -16,6 +16,7 @@ import time
 import fire
 import numpy as np
 
+from scripts.benchmark_pipeline import markdown_table
 from scripts.data.points import mask_to_surface_points
 from scripts.data.synthetic import skullbreak_case
 from scripts.implant import postprocess_ensemble
@@ -39,9 +40,7 @@ def main(size: int = 512, defect: str = "bilateral", num_points: int = 3072, mem
                      "implant_voxels": int(out["implant_mean"].sum()),
                      "dsc_to_truth": round(dice(out["implant_mean"], implant), 3),
                      "postprocessing_s": round(time.perf_counter() - start, 2)})
-    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
-    for row in rows:
-        print("| " + " | ".join(map(str, row.values())) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":
