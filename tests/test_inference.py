@@ -20,6 +20,7 @@ from scipy.ndimage import distance_transform_edt
 
 from scripts.engines import load_weights
 from scripts.io import MaskError, load_mask, save_mask
+from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
 
@@ -78,8 +79,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     # overlaps the truth (the shipped weights do not fill the defect exactly: docs/default_weights.md)
     truth = load_mask(TRUTH)
     assert fraction_near(implant, truth, 5) > 0.9
-    overlap = 2 * (implant.bool() & truth.bool()).sum() / (implant.bool().sum() + truth.bool().sum())
-    assert overlap > 0.25
+    assert dice(implant[0] > 0, truth[0] > 0) > 0.25
     variance = LoadImage(image_only=True)(str(case / "implant_variance.nrrd"))
     assert tuple(variance.shape) == tuple(skull.shape[1:])
     assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
@@ -200,7 +200,6 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
     """The quality study's TRUE_POINTS setting: the shipped voxelizer and post-processing turn points
     on the true implant's surface (in place of diffusion samples) into an implant close to the truth."""
     from scripts.inference import predict_case
-    from scripts.metrics import dice
     from scripts.quality_study import TruePointsGenerator
 
     generator = _generator(**{"generator#_target_": "scripts.quality_study.TruePointsGenerator"})
