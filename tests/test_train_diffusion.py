@@ -180,3 +180,29 @@ def test_resume_after_sigkill_skips_truncated_checkpoint(dataset_dir, tmp_path):
     final = torch.load(out / "checkpoints" / "final.pt", weights_only=False)
     assert final["trainer"]["iteration"] == 24
     assert _iterations_logged(second.stdout) == 24 - resumed_from
+
+
+def test_recipe_overlay_builds_the_shipped_recipe_and_warm_starts_from_init_weights(dataset_dir, tmp_path):
+    """configs/recipes/denoiser_small.json on top of the train config: x0 prediction, OT pairing,
+    Adam (0.9, 0.999), no dropout, EMA; ``init_weights`` loads into the network and its EMA copy."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.networks.pvcnn2 import PVCNN2Denoiser
+
+    start = PVCNN2Denoiser("small")
+    torch.nn.init.constant_(start.head[-1].bias, 0.25)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    workflow = ConfigWorkflow(
+        config_file=[str(ROOT / CONFIG), str(ROOT / "configs" / "recipes" / "denoiser_small.json")],
+        workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(tmp_path / "run"),
+        init_weights=str(tmp_path / "start.pt"), device="cpu",
+    )
+    parser = workflow.parser
+    diffusion, optimizer = parser.get_parsed_content("diffusion"), parser.get_parsed_content("optimizer")
+    assert (diffusion.prediction_type, diffusion.pairing, diffusion.clip_x0) == ("sample", "ot", 4.0)
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["lr"] == 1e-3
+    network = parser.get_parsed_content("network")
+    assert all(m.p == 0.0 for m in network.modules() if isinstance(m, torch.nn.Dropout))
+    ema = parser.get_parsed_content("train#ema").ema_model
+    for state in (network.state_dict(), ema.state_dict()):
+        assert all(torch.equal(state[k], v) for k, v in start.state_dict().items())

@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from scripts.diffusion.pairing import PAIRINGS, pair_noise
 from scripts.diffusion.samplers import PREDICTION_TYPES, ddim_loop, ddpm_loop, dpmpp_2m_loop
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm: always T
 DEFAULT_SPACING = {"ddim": "trailing", "dpmpp_2m": "linspace"}
 
@@ -32,6 +34,13 @@ class ConditionalDiffusion:
         prediction_type: what the network predicts: "epsilon" (the paper), "sample" (the clean
             points x0) or "v_prediction" (Salimans & Ho 2022). With "sample" an imperfect network
             is never amplified into the x0 estimate, which suits short CPU training.
+        pairing: how training pairs noise points with target points: "independent" (the paper)
+            or "ot" (minibatch optimal transport per sample, :mod:`scripts.diffusion.pairing`).
+            Sampling is the same either way; "ot" suits the deterministic samplers.
+        loss_weighting: "uniform" (the paper: plain MSE of the prediction) or "min_snr"
+            (Hang et al. 2023: each sample's loss weighted so that it equals the x0 error
+            weighted by min(SNR(t), snr_gamma)).
+        snr_gamma: the clamp of "min_snr" (5 in Hang et al.).
 
     The model is any callable ``model(x (B, 3, N), t (B,) long) -> out (B, 3, N)``.
     ``last_model_calls`` holds the number of network calls of the latest ``sample`` call.
@@ -44,11 +53,23 @@ class ConditionalDiffusion:
         beta_end: float = 0.02,
         clip_x0: float | None = None,
         prediction_type: str = "epsilon",
+        pairing: str = "independent",
+        loss_weighting: str = "uniform",
+        snr_gamma: float = 5.0,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if pairing not in PAIRINGS:
+            raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        if snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
         self.clip_x0 = clip_x0
         self.prediction_type = prediction_type
+        self.pairing = pairing
+        self.loss_weighting = loss_weighting
+        self.snr_gamma = snr_gamma
         common = dict(
             num_train_timesteps=num_train_timesteps,
             schedule="linear_beta",
@@ -87,30 +108,42 @@ class ConditionalDiffusion:
         noisy = self.ddpm.add_noise(target, noise, t)
         return torch.cat([x0[:, :, :num_condition], noisy], dim=2)
 
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) weight of each sample's MSE at timesteps t (B,): ones for "uniform"; for "min_snr"
+        min(SNR, gamma) divided by the factor that turns an x0 error into this prediction's error
+        (1 for x0, SNR for epsilon, SNR + 1 for v)."""
+        if self.loss_weighting == "uniform":
+            return torch.ones(t.shape, device=t.device)
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]
+        snr = alpha_bar / (1.0 - alpha_bar)
+        factor = {"sample": torch.ones_like(snr), "epsilon": snr, "v_prediction": snr + 1.0}[self.prediction_type]
+        return snr.clamp(max=self.snr_gamma) / factor
+
     def training_loss(
         self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """MSE of the prediction (noise, x0 or v) on the generated points; t ~ U{0..T-1} per sample.
+        """Weighted MSE of the prediction (noise, x0 or v) on the generated points; t ~ U{0..T-1} per sample.
 
-        x0: (B, 3, N) clean cloud, condition first. Returns a scalar.
+        x0: (B, 3, N) clean cloud, condition first. The noise is paired with the target points as
+        set by ``pairing``. Returns a scalar.
         """
         _check_cloud(x0, "x0")
         b, _, n = x0.shape
         if not 0 <= num_condition < n:
             raise ValueError(f"num_condition must be in [0, {n}) for clouds of {n} points, got {num_condition}")
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
-        noise = torch.randn(
-            (b, 3, n - num_condition), generator=generator, device=x0.device, dtype=x0.dtype
-        )
-        out = model(self.q_sample(x0, t, noise, num_condition), t)[:, :, num_condition:]
         target = x0[:, :, num_condition:]
+        noise = torch.randn(target.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = pair_noise(noise, target, self.pairing)
+        out = model(self.q_sample(x0, t, noise, num_condition), t)[:, :, num_condition:]
         if self.prediction_type == "sample":
             goal = target
         elif self.prediction_type == "v_prediction":
             goal = self.ddpm.get_velocity(target, noise, t)
         else:
             goal = noise
-        return torch.nn.functional.mse_loss(out, goal)
+        per_sample = (out - goal).pow(2).mean(dim=(1, 2))
+        return (per_sample * self.loss_weights(t)).mean()
 
     @torch.no_grad()
     def sample(

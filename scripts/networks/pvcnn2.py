@@ -55,17 +55,17 @@ PRESETS: dict[str, dict] = {
     # 128 neighbours at every level (PVD's ShapeNet models use 32).
     "paper": dict(num_points=30720, num_condition=27648, width_multiplier=1.0, voxel_resolution_multiplier=1.0,
                   centers=(10240, 2560, 640, 160), radii=(0.1, 0.2, 0.4, 0.8), neighbors=(128, 128, 128, 128),
-                  embed_dim=64, dropout=0.1, use_attention=True),
+                  embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True),
     # Trains on 2 CPU cores (~0.4-0.6 s forward + backward for batch 4): 10x fewer points (radii
     # x sqrt(10) keep ~10 hits per ball), quarter width (1.76 M parameters), voxel grids
     # 16/8/4, 32 neighbours.
     "small": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
                   centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
-                  embed_dim=32, dropout=0.1, use_attention=True),
+                  embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True),
     # Unit tests only.
     "tiny": dict(num_points=512, num_condition=448, width_multiplier=0.25, voxel_resolution_multiplier=0.25,
                  centers=_scaled_centers(512), radii=(0.8, 1.6, 3.2, 6.4), neighbors=(16, 16, 16, 16),
-                 embed_dim=16, dropout=0.1, use_attention=True),
+                 embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True),
 }
 
 
@@ -325,7 +325,7 @@ class PVCNN2Denoiser(nn.Module):
             in_ch = oc
         self.fp = nn.ModuleList(fp)
         hidden = _channels(128, r, "head")
-        self.head = nn.Sequential(SharedMLP(in_ch, (hidden,)), nn.Dropout(0.5), nn.Conv1d(hidden, 3, 1))
+        self.head = nn.Sequential(SharedMLP(in_ch, (hidden,)), nn.Dropout(cfg["head_dropout"]), nn.Conv1d(hidden, 3, 1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x (B, 3, N)`` float (condition points first), ``t (B,)`` integer steps -> ``(B, 3, N)``."""
