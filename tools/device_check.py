@@ -18,8 +18,8 @@ status (ok / failed / skipped), wall time and rows:
 
 Correctness runs with TF32 off (float32 arithmetic on both sides); cost and training keep torch's
 defaults, as users run them. ``--tiny`` shrinks every size so that a 2-core CPU finishes in about
-a minute (CI runs it); ``prepare`` (through ``tools/device_check.sh prepare``) draws the condition
-points with Open3D ahead, for a machine without it.
+a minute (CI runs it); ``prepare`` (through ``tools/device_check.sh prepare``) stores the cost case
+and draws the condition points (Open3D) ahead, for a machine without Open3D.
 
     bash tools/device_check.sh                   # on the GPU machine: full sizes, --device cuda
     python -m tools.device_check --device cpu --tiny --out /tmp/device_check
@@ -107,12 +107,13 @@ TARGET_IMPLANT_S = 30.0
 TARGET_ENSEMBLE_RATIO = 1.5
 
 # Modules a section needs beyond torch / numpy / scipy (the GPU image has no monai, ignite,
-# nibabel or pynrrd; tools/device_check.sh installs the wheels that `prepare` downloads).
+# nibabel, pynrrd or fire; tools/device_check.sh installs the wheels that `prepare` downloads).
 NEEDS = {
-    "ops": (), "pvcnn2": (), "dpsr": (), "ddim": ("monai",),
-    "bundle": ("monai", "ignite", "nibabel", "nrrd", "fire", "skimage", "matplotlib"),
-    "cost": ("monai", "nibabel", "nrrd", "skimage"), "train": ("monai", "ignite"),
+    "ops": (), "pvcnn2": (), "dpsr": (), "ddim": ("monai", "tqdm"),
+    "bundle": ("monai", "ignite", "nibabel", "nrrd", "fire", "skimage", "matplotlib", "tqdm"),
+    "cost": ("monai", "nibabel", "nrrd", "skimage", "matplotlib", "tqdm"), "train": ("monai", "ignite", "tqdm"),
 }
+SUBPROCESS_TIMEOUT_S = 480  # bundle job / torchrun: a hang fails its section, not the whole run
 SECTIONS = tuple(NEEDS)
 
 
@@ -312,7 +313,7 @@ def run_bundle(device: str, sample: Path, output_dir: Path, cache: Path, overrid
     for key, value in args.items():
         cmd += [f"--{key}", str(value)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     if proc.returncode:
         raise RuntimeError(f"bundle job on {device} failed:\n{proc.stderr[-4000:]}")
     summary = json.loads((output_dir / "sample" / "summary.json").read_text())
@@ -417,7 +418,8 @@ def check_cost(p: dict, device: torch.device, cache: Path, **_) -> list[dict]:
                 gen.indicators(clouds, case["defective"].shape)
             if k not in post:
                 post[k] = {}
-                points = np.stack([rng.choice(implant_voxels, gen.num_target, replace=False) for _ in range(k)])
+                few = len(implant_voxels) < gen.num_target
+                points = np.stack([rng.choice(implant_voxels, gen.num_target, replace=few) for _ in range(k)])
                 with _stage(post[k], "postprocessing", torch.device("cpu")):
                     postprocess_ensemble(np.broadcast_to(indicator, (k, *indicator.shape)), case["defective"],
                                          points, gen.dilate, gen.max_distance_vox)
@@ -437,7 +439,7 @@ def check_train(p: dict, device: torch.device, work: Path, **_) -> list[dict]:
     spec.write_text(json.dumps({"batches": p["batches"], "warmup": p["warmup"], "iterations": p["iterations"]}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "tools.device_check", "--train-worker", str(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     if proc.returncode:
         raise RuntimeError(f"torchrun failed:\n{proc.stderr[-4000:]}")
     return json.loads(spec.read_text())["rows"]
