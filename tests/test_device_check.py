@@ -20,10 +20,10 @@ STAGES = ("diffusion", "voxelization", "postprocessing")
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("device_check")
+    out, cache = tmp_path_factory.mktemp("device_check"), tmp_path_factory.mktemp("cache") / "conditions.npz"
     cmd = [sys.executable, "-m", "tools.device_check", "--device", "cpu", "--tiny", "--out", str(out),
-           "--cache", str(out / "conditions.npz")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+           "--cache", str(cache)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads((out / "device_check.json").read_text()), out
 
@@ -31,6 +31,8 @@ def dry_run(tmp_path_factory) -> tuple[dict, Path]:
 @pytest.mark.slow
 def test_dry_run_report(dry_run):
     report, out = dry_run
+    # nothing else in $OUT: the device machine returns at most 8 files from it
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log"]
     assert "section train: ok" in (out / "device_check.log").read_text()
     assert report["environment"]["profile"] == "tiny" and report["environment"]["device"] == "cpu"
     sections = report["sections"]

@@ -37,6 +37,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -72,9 +73,9 @@ PROFILES = {
         pvcnn2=dict(presets=("small", "paper"), batch=2),
         dpsr=dict(res=128, points=215040),
         ddim=dict(preset="paper", batch=2, steps=50),
-        bundle=dict(overrides={}),
+        bundle=dict(overrides={}, timeout_s=300),  # subprocess timeouts: a hang fails its section only
         cost=dict(preset="paper", size=512, settings=(("ddim", 50), ("dpmpp_2m", 20)), members=(1, 5)),
-        train=dict(batches={"small": (32, 128), "paper": (8, 32)}, warmup=3, iterations=10),
+        train=dict(batches={"small": (32, 128), "paper": (8, 32)}, warmup=3, iterations=10, timeout_s=300),
     ),
     "tiny": dict(
         ops=dict(batch=2, points=2048, condition=1792, centers=512, radius=0.4, neighbors=16, channels=16,
@@ -82,9 +83,9 @@ PROFILES = {
         pvcnn2=dict(presets=("tiny", "small"), batch=2),
         dpsr=dict(res=32, points=4096),
         ddim=dict(preset="tiny", batch=2, steps=50),
-        bundle=dict(overrides={"steps": 2, "stl": False, "preview": False}),
+        bundle=dict(overrides={"steps": 2, "stl": False, "preview": False}, timeout_s=None),
         cost=dict(preset="tiny", size=48, settings=(("ddim", 2), ("dpmpp_2m", 2)), members=(1, 2)),
-        train=dict(batches={"tiny": (2,)}, warmup=1, iterations=2),
+        train=dict(batches={"tiny": (2,)}, warmup=1, iterations=2, timeout_s=None),
     ),
 }
 
@@ -113,7 +114,6 @@ NEEDS = {
     "bundle": ("monai", "ignite", "nibabel", "nrrd", "fire", "skimage", "matplotlib", "tqdm"),
     "cost": ("monai", "nibabel", "nrrd", "skimage", "matplotlib", "tqdm"), "train": ("monai", "ignite", "tqdm"),
 }
-SUBPROCESS_TIMEOUT_S = 480  # bundle job / torchrun: a hang fails its section, not the whole run
 SECTIONS = tuple(NEEDS)
 
 
@@ -300,7 +300,8 @@ def _sample_nifti(work: Path) -> Path:
     return save_mask(work / "sample.nii.gz", img[0], reference=img, overwrite=True)
 
 
-def run_bundle(device: str, sample: Path, output_dir: Path, cache: Path, overrides: dict) -> dict:
+def run_bundle(device: str, sample: Path, output_dir: Path, cache: Path, overrides: dict,
+               timeout_s: float | None = None) -> dict:
     """``python -m monai.bundle run --config_file configs/inference.json`` on ``sample`` -> its summary.json.
 
     The generator is :class:`tools.condition_cache.CachedConditionGenerator` (the condition points
@@ -313,7 +314,7 @@ def run_bundle(device: str, sample: Path, output_dir: Path, cache: Path, overrid
     for key, value in args.items():
         cmd += [f"--{key}", str(value)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode:
         raise RuntimeError(f"bundle job on {device} failed:\n{proc.stderr[-4000:]}")
     summary = json.loads((output_dir / "sample" / "summary.json").read_text())
@@ -330,7 +331,7 @@ def check_bundle(p: dict, device: torch.device, work: Path, cache: Path, **_) ->
     runs = {}
     for dev in dict.fromkeys([str(device), "cpu"]):
         output_dir = work / f"bundle_{dev.replace(':', '_')}"
-        summary = run_bundle(dev, sample, output_dir, cache, p["overrides"])
+        summary = run_bundle(dev, sample, output_dir, cache, p["overrides"], p["timeout_s"])
         implant = np.asarray(load_mask(output_dir / "sample" / "implant.nii.gz")[0]) > 0
         runs[dev] = {"implant": implant, "row": {
             "check": f"bundle job ({dev})", "device": dev, "implant_voxels": summary["implant_voxels"],
@@ -439,7 +440,7 @@ def check_train(p: dict, device: torch.device, work: Path, **_) -> list[dict]:
     spec.write_text(json.dumps({"batches": p["batches"], "warmup": p["warmup"], "iterations": p["iterations"]}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "tools.device_check", "--train-worker", str(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=p["timeout_s"])
     if proc.returncode:
         raise RuntimeError(f"torchrun failed:\n{proc.stderr[-4000:]}")
     return json.loads(spec.read_text())["rows"]
@@ -548,9 +549,9 @@ def environment(device: torch.device, profile: str) -> dict:
     return env
 
 
-def _log_to(out: Path) -> None:
+def _log_to(log_file: Path | None) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(out / "device_check.log"), logging.StreamHandler()):
+    for handler in (logging.FileHandler(log_file), logging.StreamHandler()) if log_file else (logging.StreamHandler(),):
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -559,10 +560,26 @@ def _log_to(out: Path) -> None:
 def prepare(cache: Path, work: Path) -> None:
     """Cache the full profile's cost case and the condition points (Open3D) of it and of the bundle job."""
     p = PROFILES["full"]
+    logger.info("bundle job condition points -> %s", cache)
     run_bundle("cpu", _sample_nifti(work), work / "bundle_prepare", cache,
                {"steps": 1, "stl": False, "preview": False})
+    logger.info("cost case and its condition points -> %s", cache.parent)
     gen = cost_generator(p["cost"]["preset"], "cpu", cache)
     gen.condition_points(cost_case(p["cost"]["size"], gen.margin, cache)["defective"])
+
+
+def run_sections(names: list[str], profile: str, device: torch.device, out: Path, work: Path, cache: Path) -> dict:
+    """Run the sections in order; the report is rewritten into ``out`` after each one."""
+    report = {"environment": environment(device, profile), "sections": {}}
+    start = time.perf_counter()
+    for name in names:
+        logger.info("section %s ...", name)
+        report["sections"][name] = result = run_section(name, PROFILES[profile][name], device=device, work=work,
+                                                        cache=cache)
+        logger.info("section %s: %s (%s s)", name, result["status"], result.get("wall_s", 0))
+        report["targets"], report["wall_s"] = targets(report["sections"]), round(time.perf_counter() - start, 1)
+        (out / "device_check.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,26 +595,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_worker:
         train_worker(args.train_worker)
         return 0
-    out = Path(args.out)
-    (out / "work").mkdir(parents=True, exist_ok=True)
-    _log_to(out)
-    if args.prepare:
-        prepare(Path(args.cache), out / "work")
-        return 0
-    device, profile = torch.device(args.device), "tiny" if args.tiny else "full"
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
+    names = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
-    report = {"environment": environment(device, profile), "sections": {}}
-    context = {"device": device, "work": out / "work", "cache": Path(args.cache)}
-    start = time.perf_counter()
-    for name in sections:
-        logger.info("section %s ...", name)
-        report["sections"][name] = result = run_section(name, PROFILES[profile][name], **context)
-        logger.info("section %s: %s (%s s)", name, result["status"], result.get("wall_s", 0))
-        report["targets"], report["wall_s"] = targets(report["sections"]), round(time.perf_counter() - start, 1)
-        (out / "device_check.json").write_text(json.dumps(report, indent=2))
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="device_check_") as work:  # bundle outputs stay out of $OUT
+        if args.prepare:
+            _log_to(None)
+            prepare(Path(args.cache), Path(work))
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        _log_to(out / "device_check.log")
+        report = run_sections(names, "tiny" if args.tiny else "full", torch.device(args.device), out, Path(work),
+                              Path(args.cache))
     for name, result in report["sections"].items():
         detail = result.get("failed_checks") or result.get("error") or result.get("reason") or ""
         print(f"{name:8s} {result['status']:8s} {result.get('wall_s', 0):8.1f} s  {detail}")

@@ -14,7 +14,7 @@ if [ "${1:-}" = prepare ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .device/wheels \
     monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pynrrd==1.1.3 fire==0.7.1 termcolor==3.3.0
-  exec python3 -m tools.device_check --prepare --out .device/prepare "$@"
+  exec python3 -m tools.device_check --prepare "$@"
 fi
 if ! python3 -c "import monai" 2>/dev/null && compgen -G ".device/wheels/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/wheels/*.whl
