@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import fire
 import torch
 
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
@@ -93,4 +92,6 @@ def main(batches: str | int | tuple = "1,5", preset: str = "paper", repeats: int
 
 
 if __name__ == "__main__":
+    import fire  # the CLI only: synthetic_input is imported where fire is not installed (tools/device_check.py)
+
     fire.Fire({"main": main, "measure": measure})

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
-import open3d as o3d
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -94,6 +93,10 @@ def mask_to_surface_points(
         raise ValueError(f"coords must be one of {_COORDS}, got {coords!r}")
     if coords == "physical" and affine is None:
         raise ValueError('coords="physical" needs an affine')
+
+    # Imported here: only surface sampling needs Open3D, and the GPU image that tools/device_check.py
+    # runs on has none (that check carries precomputed condition points instead).
+    import open3d as o3d
 
     padded = np.pad(mask > 0, 1).astype(np.float32)
     verts, faces, _, _ = marching_cubes(padded, level=0.5)

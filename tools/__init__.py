@@ -1,0 +1,1 @@
+"""Developer tools (benchmarks and checks that are no part of the bundle's jobs)."""
