@@ -9,8 +9,10 @@ rejected.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -34,6 +36,7 @@ __all__ = [
     "load_mask",
     "save_mask",
     "atomic_write",
+    "atomic_folder",
     "volume3d",
     "mask3d",
 ]
@@ -197,6 +200,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``path`` to fill; on success it replaces ``path`` (os.replace),
+    on any error it is removed, so a crash never leaves a partial result folder.
+
+    The folder gets the normal umask permissions of ``mkdir`` (mkdtemp alone would make it 0700).
+    Raises FileExistsError naming ``path`` if it exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: folder exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_mask(
