@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +29,13 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from scripts.cli import BatchError
 from scripts.data.datalist import case_id
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.data.resample import crop_from_cube, pad_to_cube, to_isotropic, to_original_grid
 from scripts.export import save_preview, save_stl
 from scripts.implant import postprocess_ensemble, require_implant
-from scripts.io import MASK_SUFFIXES, atomic_write, is_isotropic, load_mask, mask_spacing, mask_suffix, save_mask
+from scripts.io import MASK_SUFFIXES, atomic_folder, atomic_write, is_isotropic, load_mask, mask_spacing, mask_suffix, save_mask
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 logger = logging.getLogger(__name__)
@@ -233,9 +232,7 @@ def predict_case(
     voxels = require_implant(implant, math.ceil(min_implant_ml * 1000.0 / float(np.prod(spacing))), name=str(path))
     variance = None if single else back(result["variance"], binary=False)
 
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
-    try:
+    with atomic_folder(final_dir, overwrite) as tmp:
         save_mask(tmp / f"implant{suffix}", implant, reference=img)
         if not single:
             for k, member in enumerate(result["implants"]):
@@ -267,13 +264,12 @@ def predict_case(
                           "total": round(time.perf_counter() - start, 3)},
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        if final_dir.exists():  # overwrite=True: swap in the new results
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
+
+
+def _failure_text(failure: dict) -> str:
+    """"<file>: <reason>" of a failed case (a reason that names the file already is kept as it is)."""
+    return failure["error"] if failure["input"] in failure["error"] else f"{failure['input']}: {failure['error']}"
 
 
 def run_inference(
@@ -284,18 +280,41 @@ def run_inference(
     overwrite: bool = False,
     stl: bool = True,
     preview: bool = True,
-) -> list[dict]:
+) -> dict:
     """Run :func:`predict_case` for every input (a file, a folder, a list of files, or datalist
-    entries named by :func:`scripts.data.datalist.case_id`); writes ``<output_dir>/summary.json``."""
+    entries named by :func:`scripts.data.datalist.case_id`) and write ``<output_dir>/summary.json``.
+
+    A failing case does not stop the batch: its file and reason are logged and listed. A case whose
+    ``<output_dir>/<case>/summary.json`` exists is skipped (its summary is reused) unless ``overwrite``.
+    Returns (and writes) ``{"cases": [case summaries, done or skipped], "skipped": [case ids],
+    "failed": [{"input", "error"}]}``. Each failure is logged when it happens; after writing the file,
+    :class:`~scripts.cli.BatchError` lists them all in one message when any case failed.
+    """
     if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict):
         cases = [(Path(e["defective"]), case_id(e)) for e in inputs]
     else:
         cases = [(p, None) for p in list_inputs(inputs)]
-    summaries = []
+    report = {"cases": [], "skipped": [], "failed": []}
     for path, cid in tqdm(cases, desc="cases", disable=not generator.progress or len(cases) < 2):
-        summaries.append(predict_case(path, output_dir, generator, cid, weights, overwrite, stl, preview))
-        logger.info("%s: implant %.2f ml in %.1f s", summaries[-1]["case_id"],
-                    summaries[-1]["implant_volume_ml"], summaries[-1]["timings_s"]["total"])
-    atomic_write(Path(output_dir) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summaries, indent=2)),
-                 overwrite=True)
-    return summaries
+        try:
+            name = cid or case_name(path)
+            done = Path(output_dir) / name / "summary.json"
+            if done.is_file() and not overwrite:
+                report["cases"].append(json.loads(done.read_text()))
+                report["skipped"].append(name)
+                logger.info("%s: skipped, results exist in %s (--overwrite true redoes them)", name, done.parent)
+                continue
+            summary = predict_case(path, output_dir, generator, name, weights, overwrite, stl, preview)
+        except Exception as err:  # one bad case must not stop the batch
+            report["failed"].append({"input": str(path), "error": f"{type(err).__name__}: {err}"})
+            logger.error("%s", _failure_text(report["failed"][-1]))
+            logger.debug("traceback of the failure above", exc_info=True)
+            continue
+        report["cases"].append(summary)
+        logger.info("%s: implant %.2f ml in %.1f s", name, summary["implant_volume_ml"], summary["timings_s"]["total"])
+    index = Path(output_dir) / "summary.json"
+    atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)), overwrite=True)
+    if report["failed"]:
+        raise BatchError(f"{len(report['failed'])} of {len(cases)} cases failed (listed in {index}): "
+                         + "; ".join(_failure_text(f) for f in report["failed"]))
+    return report
