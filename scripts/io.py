@@ -33,6 +33,7 @@ __all__ = [
     "is_isotropic",
     "validate_mask",
     "ValidateMaskd",
+    "load_volume",
     "load_mask",
     "save_mask",
     "atomic_write",
@@ -161,8 +162,8 @@ class ValidateMaskd(MapTransform):
         return d
 
 
-def load_mask(path: str | os.PathLike) -> MetaTensor:
-    """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine.
+def load_volume(path: str | os.PathLike) -> MetaTensor:
+    """Load a 3D image without checking its values -> MetaTensor (1, X, Y, Z) with RAS affine.
 
     The header is checked first (cheap, and gives clear messages for 2D/4D data and missing
     spacing, which would otherwise surface as opaque reader errors).
@@ -173,10 +174,14 @@ def load_mask(path: str | os.PathLike) -> MetaTensor:
         raise MaskError(f"{path}: expected a 3D volume, got {len(shape)}D data of shape {shape}")
     _check_spacing(spacing, str(path))
     try:
-        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+        return LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise RuntimeError/ValueError/OSError/... for corrupt data
         raise MaskError(f"{path}: cannot read image data ({type(err).__name__}: {err})") from err
-    return validate_mask(img, str(path))
+
+
+def load_mask(path: str | os.PathLike) -> MetaTensor:
+    """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine."""
+    return validate_mask(load_volume(path), str(path))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
