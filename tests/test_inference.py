@@ -154,6 +154,24 @@ def test_anisotropic_input_keeps_its_grid(tmp_path, generator):
     assert not (out.bool() & reference.bool()).any()
 
 
+@pytest.mark.slow
+def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generator):
+    """A head CT in HU (the sample skull with soft tissue, a CT table and noise, NRRD int16): detected as a CT,
+    the skull mask derived from it is written next to the implant and equals the sample's mask."""
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.inference import predict_case
+
+    skull = load_mask(SAMPLE)
+    ct = save_mask(tmp_path / "head_ct.nrrd", synthetic_ct(np.asarray(skull[0]) > 0), skull.affine, dtype=np.int16)
+    summary = predict_case(ct, tmp_path / "out", generator, stl=False, preview=False)
+    case = tmp_path / "out" / "head_ct"
+    assert summary["input_type"] == "ct" and summary["bone_threshold_hu"] == 150.0
+    derived, implant = load_mask(case / "skull_mask.nrrd"), load_mask(case / "implant.nrrd")
+    assert torch.equal(derived, skull) and torch.allclose(implant.affine, skull.affine)
+    assert not (implant.bool() & skull.bool()).any()
+    assert fraction_near(implant, load_mask(TRUTH), 5) > 0.9
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
