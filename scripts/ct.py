@@ -27,8 +27,8 @@ from monai.data import MetaTensor
 from scripts.implant import largest_component
 from scripts.io import MaskError, load_volume, mask_spacing, validate_mask
 
-__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "looks_like_ct", "skull_from_ct",
-           "load_skull"]
+__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "looks_like_ct",
+           "skull_from_ct", "load_skull"]
 
 DEFAULT_BONE_HU = 150.0
 AIR_HU = -500.0
@@ -45,6 +45,14 @@ def check_input_type(input_type: str) -> str:
     return kind
 
 
+def check_bone_threshold(value) -> float:
+    """``value`` as a float in HU, else raise ValueError naming ``--bone_threshold_hu``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--bone_threshold_hu: expected a number (HU), got {value!r}") from None
+
+
 def looks_like_ct(img: MetaTensor) -> bool:
     """True if the volume (1, X, Y, Z) holds air-like values (<= AIR_HU), which no binary mask has."""
     return bool(img.min() <= AIR_HU)
@@ -53,7 +61,8 @@ def looks_like_ct(img: MetaTensor) -> bool:
 def skull_from_ct(ct: MetaTensor, bone_threshold_hu: float = DEFAULT_BONE_HU, name: str = "<CT array>") -> MetaTensor:
     """CT (1, X, Y, Z) in HU -> skull mask (1, X, Y, Z) uint8 {0, 1} with the CT's affine: the largest
     26-connected component of the voxels >= ``bone_threshold_hu``. Raises MaskError when no voxel is bone."""
-    bone = np.asarray(ct[0]) >= float(bone_threshold_hu)
+    bone_threshold_hu = check_bone_threshold(bone_threshold_hu)
+    bone = np.asarray(ct[0]) >= bone_threshold_hu
     if not bone.any():
         raise MaskError(f"{name}: no voxel at or above the bone threshold {bone_threshold_hu:g} HU "
                         f"(CT values {float(ct.min()):g}..{float(ct.max()):g}); lower --bone_threshold_hu")

@@ -31,7 +31,7 @@ from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from scripts.cli import BatchError
-from scripts.ct import DEFAULT_BONE_HU, check_input_type, load_skull
+from scripts.ct import DEFAULT_BONE_HU, check_bone_threshold, check_input_type, load_skull
 from scripts.data.datalist import case_id
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.data.resample import crop_from_cube, pad_to_cube, to_isotropic, to_original_grid
@@ -303,6 +303,7 @@ def run_inference(
     :class:`~scripts.cli.BatchError` lists them all in one message when any case failed.
     """
     input_type = check_input_type(input_type)  # a typo fails here, not once per case
+    bone_threshold_hu = check_bone_threshold(bone_threshold_hu)
     if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict):
         cases = [(Path(e["defective"]), case_id(e)) for e in inputs]
     else:

@@ -50,6 +50,8 @@ def test_ct_errors_name_the_file_and_the_problem(ct_files, tmp_path):
         load_skull(ct_files[1], "ct", bone_threshold_hu=3000)
     with pytest.raises(ValueError, match=r"--input_type: expected one of auto, mask, ct, got 'mri'"):
         load_skull(ct_files[1], "mri")
+    with pytest.raises(ValueError, match=r"--bone_threshold_hu: expected a number \(HU\), got 'bone'"):
+        load_skull(ct_files[1], "ct", bone_threshold_hu="bone")
     labels = save_mask(tmp_path / "labels.nrrd", np.asarray(load_mask(SAMPLE)[0]) * 3, np.eye(4))
     with pytest.raises(MaskError, match=r"labels.nrrd: not a binary mask, values \{0, 3\}"):
         load_skull(labels)  # neither a mask nor a CT (no air values)
