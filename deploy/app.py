@@ -223,10 +223,11 @@ class VolumeFileOperator(Operator):
 
 
 def is_dicom_input(path: Path) -> bool:
-    """True for a folder that holds no .nrrd/.nii/.nii.gz file (then it is read as DICOM)."""
+    """True for a folder that holds no .nrrd/.nii/.nii.gz file (then it is read as DICOM, sub-folders included);
+    the files looked at are the ones ``scripts.inference.list_inputs`` would take."""
     from scripts.io import MASK_SUFFIXES
 
-    return path.is_dir() and not any(p.is_file() and p.name.lower().endswith(MASK_SUFFIXES) for p in path.rglob("*"))
+    return path.is_dir() and not any(p.is_file() and p.name.lower().endswith(MASK_SUFFIXES) for p in path.iterdir())
 
 
 def implant_segment() -> SegmentDescription:
