@@ -58,3 +58,21 @@ def test_error_report_ends_on_the_root_cause(error, last_line):
     assert run.returncode == 1 and lines[-1] == last_line
     assert "Failed to evaluate" not in run.stderr
     assert (len(lines) == 1) == error.startswith(("ValueError", "BatchError"))
+
+
+@pytest.mark.parametrize("value, enabled", [("no", False), ("On", True), ("maybe", None)])
+def test_use_ema_in_the_training_config_reads_words(value, enabled):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    root = Path(__file__).resolve().parents[1]
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "train_diffusion.json"))
+    parser.update({"bundle_root": str(root), "use_ema": value})
+    if enabled is None:
+        with pytest.raises(RuntimeError) as err:
+            parser.get_parsed_content("train#ema")
+        assert str(root_cause(err.value)).startswith("--use_ema: expected true or false")
+    else:
+        assert (parser.get_parsed_content("train#ema") is not None) == enabled
