@@ -1,16 +1,27 @@
-"""MONAI Deploy application of the cranial_implant_pcdiff bundle: defective-skull masks -> implants.
+"""MONAI Deploy application of the cranial_implant_pcdiff bundle: defective skulls (mask or CT) -> implants.
 
-Graph (Holoscan operators, run once):
+Two graphs (Holoscan operators, run once), chosen by the input: mask / CT files, or a DICOM CT series
+(an input folder without .nrrd/.nii/.nii.gz files):
 
     MaskLoaderOperator  --masks-->  ImplantInferenceOperator
 
-* ``MaskLoaderOperator`` lists the .nrrd/.nii/.nii.gz masks of the input folder (or the one input
+    DICOMDataLoaderOperator --> DICOMSeriesSelectorOperator --> DICOMSeriesToVolumeOperator
+        --> VolumeFileOperator --masks--> ImplantInferenceOperator --implant, folder--> DICOMSegmentationWriterOperator
+                                          (the selected series also goes to the SEG writer)
+
+* ``MaskLoaderOperator`` lists the .nrrd/.nii/.nii.gz files of the input folder (or the one input
   file) and checks every header, so a bad file fails before minutes of diffusion sampling.
+* The SDK's DICOM operators load the series folder, select the first CT series and turn it into a
+  volume in Hounsfield units; ``VolumeFileOperator`` writes it as a NIfTI CT (RAS affine) into a work
+  folder, named by its SeriesInstanceUID.
 * ``ImplantInferenceOperator`` parses the bundle's ``configs/inference.json`` with MONAI's
   ``ConfigParser``, sets ``input`` / ``output_dir`` (and any command-line overrides) and evaluates
   the config's ``run`` expression, so the app builds the networks, the sampler and the
   ``ImplantGenerator`` exactly as the bundle job does and writes the same files:
-  ``<output>/<case>/implant.nrrd`` (input grid and format), STL, preview, ``summary.json``.
+  ``<output>/<case>/implant.nrrd`` (input grid and format), STL, preview, ``summary.json`` (and
+  ``skull_mask`` for a CT). For a DICOM series it passes the implant on to the SDK's
+  ``DICOMSegmentationWriterOperator``, which writes ``<output>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``,
+  a DICOM SEG that references the CT series.
 
 The bundle is found next to this file (``deploy/..``) when the app runs from the repository, or
 under the model path (``-m`` / ``HOLOSCAN_MODEL_PATH``) when the bundle folder is packaged as the
@@ -18,6 +29,7 @@ app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
         [--preset small] [--num_samples 1] [--sampler ddim] [--steps 50] [--eta 0] [--seed 0] [--device cpu]
+        [--input_type auto|mask|ct] [--bone_threshold_hu 150]
         [--denoiser_weights FILE] [--voxelizer_weights FILE]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]
 """
@@ -28,16 +40,27 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 from monai.deploy.conditions import CountCondition
-from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
+from monai.deploy.core import AppContext, Application, ConditionType, Fragment, Image, Operator, OperatorSpec
+from monai.deploy.operators.dicom_data_loader_operator import DICOMDataLoaderOperator
+from monai.deploy.operators.dicom_seg_writer_operator import DICOMSegmentationWriterOperator, SegmentDescription
+from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
+from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
+from pydicom.sr.codedict import codes
 
 CONFIG = Path("configs") / "inference.json"
 # deploy/app.py inside the bundle: the bundle root is the folder above deploy/.
 APP_BUNDLE = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("cranial_implant_pcdiff.deploy")
+
+# The DICOM series the app works on: the first CT series of each study.
+CT_SERIES_RULES = '{"selections": [{"name": "CT Series", "conditions": {"Modality": "(?i)CT"}}]}'
+DICOM_VOLUME_SUFFIX = ".nii.gz"  # the selected series goes to the bundle job as a NIfTI CT (RAS affine)
 
 
 def find_bundle(path: str | os.PathLike) -> Path:
@@ -62,6 +85,8 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--eta", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--device")
+    parser.add_argument("--input_type", choices=["auto", "mask", "ct"])
+    parser.add_argument("--bone_threshold_hu", type=float)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--overwrite", action="store_true")
@@ -79,10 +104,12 @@ def import_bundle(root: Path) -> None:
 
 
 class MaskLoaderOperator(Operator):
-    """Input folder or file -> validated list of mask paths.
+    """Input folder or file -> list of mask / CT paths whose headers were checked.
 
-    Output port ``masks``: ``list[pathlib.Path]``, sorted; every file's header was read and its
-    geometry checked (``scripts.io.read_header_geometry``), without loading voxels.
+    Output port ``masks``: ``list[pathlib.Path]``, sorted; every file's header is read and its
+    geometry checked (``scripts.io.read_header_geometry``), without loading voxels. A bad file is
+    logged and passed on (the job lists it as failed and goes on with the others); when no file is
+    readable the operator fails at once with every file's problem.
     """
 
     def __init__(self, fragment: Fragment, *args, input_path: Path, **kwargs):
@@ -94,31 +121,46 @@ class MaskLoaderOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         from scripts.inference import list_inputs
-        from scripts.io import read_header_geometry
+        from scripts.io import MaskError, read_header_geometry
 
-        masks = list_inputs(self.input_path)
+        masks, problems = list_inputs(self.input_path), []
         for path in masks:
-            shape, spacing = read_header_geometry(path)
+            try:
+                shape, spacing = read_header_geometry(path)
+            except MaskError as err:
+                problems.append(str(err))
+                logger.error("input %s", err)
+                continue
             logger.info("input %s: shape %s, spacing %s mm", path.name, shape, spacing)
+        if len(problems) == len(masks):
+            raise MaskError("; ".join(problems))
         op_output.emit(masks, "masks")
 
 
 class ImplantInferenceOperator(Operator):
-    """Masks -> implants written to the output folder by the bundle's own inference job.
+    """Masks or CTs -> implants written to the output folder by the bundle's own inference job.
 
     Input port ``masks``: ``list[pathlib.Path]``. The job is the ``run`` expression of
     ``<bundle>/configs/inference.json`` with ``bundle_root``, ``input``, ``output_dir`` and the
     given overrides set; its per-case summaries are logged.
+    With ``emit_implant``, output ports ``implant`` (SDK ``Image``, uint8 (D, H, W) as the DICOM
+    series-to-volume operator lays out the CT) and ``folder`` (the case's output folder) carry the
+    first case's implant on to a DICOM SEG writer; a case skipped because its results exist emits nothing.
     """
 
-    def __init__(self, fragment: Fragment, *args, bundle_root: Path, output_path: Path, overrides: dict, **kwargs):
+    def __init__(self, fragment: Fragment, *args, bundle_root: Path, output_path: Path, overrides: dict,
+                 emit_implant: bool = False, **kwargs):
         self.bundle_root = Path(bundle_root)
         self.output_path = Path(output_path)
         self.overrides = dict(overrides)
+        self.emit_implant = emit_implant
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
         spec.input("masks")
+        if self.emit_implant:
+            spec.output("implant").condition(ConditionType.NONE)
+            spec.output("folder").condition(ConditionType.NONE)
 
     def compute(self, op_input, op_output, context):
         from monai.bundle import ConfigParser
@@ -129,25 +171,82 @@ class ImplantInferenceOperator(Operator):
         parser.update({"bundle_root": str(self.bundle_root), "input": [str(p) for p in masks],
                        "output_dir": str(self.output_path), **self.overrides})
         try:
-            summaries = parser.get_parsed_content("run")[0]
+            report = parser.get_parsed_content("run")[0]
         except RuntimeError as err:  # ConfigExpression wraps the job's own error: surface that one
             if err.__cause__ is None:
                 raise
             raise err.__cause__ from None
-        for s in summaries:
+        for s in report["cases"]:
             logger.info("%s: implant %d voxels (%.2f ml), %.1f s -> %s", s["case_id"], s["implant_voxels"],
                         s["implant_volume_ml"], s["timings_s"]["total"], self.output_path / s["case_id"])
+        new = [s for s in report["cases"] if s["case_id"] not in report["skipped"]]
+        if self.emit_implant and new:
+            from scripts.io import load_mask
+
+            folder = self.output_path / new[0]["case_id"]
+            implant = load_mask(folder / f"implant{DICOM_VOLUME_SUFFIX}")  # (1, W, H, D), the CT file's layout
+            op_output.emit(Image(np.ascontiguousarray(np.asarray(implant[0]).transpose(2, 1, 0))), "implant")
+            op_output.emit(folder, "folder")
+
+
+class VolumeFileOperator(Operator):
+    """DICOM series volume -> a NIfTI CT file for the bundle job.
+
+    Input port ``image``: SDK ``Image`` from ``DICOMSeriesToVolumeOperator`` ((D, H, W) in HU, RAS
+    ``affine`` for the (W, H, D) order in its metadata). Output port ``masks``: ``[path]`` of
+    ``<work folder>/<SeriesInstanceUID>.nii.gz`` (int16 if the HU are integers, else float32). The
+    work folder is removed when the app stops.
+    """
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("image")
+        spec.output("masks")
+
+    def start(self):
+        self.work = tempfile.TemporaryDirectory(prefix="pcdiff_dicom_")
+
+    def stop(self):
+        self.work.cleanup()
+
+    def compute(self, op_input, op_output, context):
+        from scripts.io import save_mask
+
+        image = op_input.receive("image")
+        volume = np.asarray(image.asnumpy()).transpose(2, 1, 0)
+        meta = image.metadata()
+        dtype = np.int16 if np.issubdtype(volume.dtype, np.integer) else np.float32
+        path = save_mask(Path(self.work.name) / f"{meta['SeriesInstanceUID']}{DICOM_VOLUME_SUFFIX}", volume,
+                         meta["affine"], dtype=dtype)
+        logger.info("DICOM series %s (%s): %s voxels, HU %g..%g", meta["SeriesInstanceUID"],
+                    meta.get("SeriesDescription", ""), volume.shape, volume.min(), volume.max())
+        op_output.emit([path], "masks")
+
+
+def is_dicom_input(path: Path) -> bool:
+    """True for a folder that holds no .nrrd/.nii/.nii.gz file (then it is read as DICOM, sub-folders included);
+    the files looked at are the ones ``scripts.inference.list_inputs`` would take."""
+    from scripts.io import MASK_SUFFIXES
+
+    return path.is_dir() and not any(p.is_file() and p.name.lower().endswith(MASK_SUFFIXES) for p in path.iterdir())
+
+
+def implant_segment() -> SegmentDescription:
+    """The DICOM SEG segment of the implant (SNOMED CT: category "Physical object", type "Implant")."""
+    return SegmentDescription(segment_label="Cranial implant", segmented_property_category=codes.SCT.PhysicalObject,
+                              segmented_property_type=codes.SCT.Implant, algorithm_name=CranialImplantApp.name,
+                              algorithm_version=CranialImplantApp.version)
 
 
 class CranialImplantApp(Application):
-    """Patient-specific cranial implants from defective-skull masks (point-cloud diffusion, PCDiff).
+    """Patient-specific cranial implants from defective skulls (point-cloud diffusion, PCDiff).
 
     Args:
         overrides: values for keys of configs/inference.json (``preset``, ``steps``, weights, ...).
     """
 
     name = "cranial_implant_pcdiff"
-    description = "Defective skull mask (.nrrd/.nii.gz) -> implant mask, STL and preview (PCDiff)."
+    description = ("Defective skull mask or CT (.nrrd/.nii.gz, or a DICOM CT series) -> implant mask, DICOM SEG, "
+                   "STL and preview (PCDiff).")
     version = "0.1.0"
 
     def __init__(self, *args, overrides: dict | None = None, **kwargs):
@@ -159,12 +258,28 @@ class CranialImplantApp(Application):
         explicit_model = "model" in context.args or "HOLOSCAN_MODEL_PATH" in os.environ
         root = find_bundle(context.model_path if explicit_model else APP_BUNDLE)
         import_bundle(root)
-        logger.info("bundle %s, input %s, output %s", root, context.input_path, context.output_path)
-        loader = MaskLoaderOperator(self, CountCondition(self, 1), input_path=Path(context.input_path).resolve(),
-                                    name="mask_loader")
-        inference = ImplantInferenceOperator(self, bundle_root=root, output_path=Path(context.output_path).resolve(),
-                                             overrides=self.overrides, name="implant_inference")
-        self.add_flow(loader, inference, {("masks", "masks")})
+        input_path, output_path = Path(context.input_path).resolve(), Path(context.output_path).resolve()
+        dicom = is_dicom_input(input_path)
+        logger.info("bundle %s, input %s (%s), output %s", root, input_path,
+                    "DICOM series folder" if dicom else "mask / CT files", output_path)
+        inference = ImplantInferenceOperator(self, bundle_root=root, output_path=output_path, overrides=self.overrides,
+                                             emit_implant=dicom, name="implant_inference")
+        if not dicom:
+            loader = MaskLoaderOperator(self, CountCondition(self, 1), input_path=input_path, name="mask_loader")
+            self.add_flow(loader, inference, {("masks", "masks")})
+            return
+        loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="dicom_loader")
+        selector = DICOMSeriesSelectorOperator(self, rules=CT_SERIES_RULES, name="series_selector")
+        to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
+        to_file = VolumeFileOperator(self, name="volume_file")
+        seg_writer = DICOMSegmentationWriterOperator(self, segment_descriptions=[implant_segment()],
+                                                     output_folder=output_path, name="dicom_seg_writer")
+        self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
+        self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(to_volume, to_file, {("image", "image")})
+        self.add_flow(to_file, inference, {("masks", "masks")})
+        self.add_flow(inference, seg_writer, {("implant", "seg_image"), ("folder", "output_folder")})
+        self.add_flow(selector, seg_writer, {("study_selected_series_list", "study_selected_series_list")})
 
 
 def main(argv: list[str] | None = None) -> None:

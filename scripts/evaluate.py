@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.utils import CommonKeys
 
 from scripts.data.datalist import case_id
-from scripts.io import MASK_SUFFIXES, MaskError, mask_suffix, read_header_geometry
+from scripts.io import MASK_SUFFIXES, MaskError, atomic_write, mask_suffix, read_header_geometry
 
 __all__ = [
     "METRICS",
@@ -170,18 +169,6 @@ def evaluation_step(engine: Engine, batch: dict) -> dict:
     return engine.state.output
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _summary(rows: list[dict]) -> dict[str, dict]:
     """{metric: {"mean", "std", "n"}} over the rows' non-nan values (population std; None if no value)."""
     out = {}
@@ -293,8 +280,10 @@ class EvaluationReport:
             "skipped": self.skipped,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.output_dir / "metrics.json", json.dumps(self.report, indent=2) + "\n")
-        _write_atomic(self.output_dir / "metrics.md", _markdown(self.report))
+        report = json.dumps(self.report, indent=2) + "\n"
+        atomic_write(self.output_dir / "metrics.json", lambda tmp: Path(tmp).write_text(report), overwrite=True)
+        atomic_write(self.output_dir / "metrics.md", lambda tmp: Path(tmp).write_text(_markdown(self.report)),
+                     overwrite=True)
 
 
 def evaluate_predictions(

@@ -1,8 +1,9 @@
-"""Defective skull mask -> implant ensemble: the bundle's main job (``configs/inference.json``).
+"""Defective skull (mask or CT) -> implant ensemble: the bundle's main job (``configs/inference.json``).
 
 Per case (one NRRD/NIfTI file):
 
-1. load + validate the mask; anisotropic volumes are resampled to isotropic voxels;
+1. load + validate the mask, or derive it from a CT (``scripts.ct``); anisotropic volumes are
+   resampled to isotropic voxels;
 2. pad to a cube with a margin (the DPSR grid is periodic: the margin keeps the skull away from
    its wrap-around) and sample surface points of the defective skull (the condition);
 3. the diffusion sampler completes the condition with the missing points, ``num_samples`` members
@@ -20,8 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +30,14 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from scripts.cli import BatchError
+from scripts.ct import DEFAULT_BONE_HU, check_bone_threshold, check_input_type, load_skull
 from scripts.data.datalist import case_id
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.data.resample import crop_from_cube, pad_to_cube, to_isotropic, to_original_grid
 from scripts.export import save_preview, save_stl
 from scripts.implant import postprocess_ensemble, require_implant
-from scripts.io import MASK_SUFFIXES, atomic_write, is_isotropic, load_mask, mask_spacing, mask_suffix, save_mask
+from scripts.io import MASK_SUFFIXES, atomic_folder, atomic_write, is_isotropic, mask_spacing, mask_suffix, save_mask
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 logger = logging.getLogger(__name__)
@@ -198,12 +199,16 @@ def predict_case(
     stl: bool = True,
     preview: bool = True,
     min_implant_ml: float = 1.0,
+    input_type: str = "auto",
+    bone_threshold_hu: float = DEFAULT_BONE_HU,
 ) -> dict:
     """Run one case and write ``<output_dir>/<name>/`` (default: the file name without suffix);
     returns the JSON summary.
 
-    Files: implant (input format), with num_samples > 1 also implant_member_<k>, implant_mean,
-    implant_variance (float32); implant.stl (mm, LPS), preview.png, summary.json. The folder is
+    The input is a binary skull mask or a CT in HU (``input_type`` "mask", "ct" or "auto", see
+    :func:`scripts.ct.load_skull`). Files: implant (input format), with num_samples > 1 also
+    implant_member_<k>, implant_mean, implant_variance (float32); for a CT the derived skull_mask;
+    implant.stl (mm, LPS), preview.png, summary.json. The folder is
     built in a temporary sibling and renamed into place, so a crash never leaves partial results;
     an existing result folder raises FileExistsError unless overwrite=True. An implant smaller
     than ``min_implant_ml`` raises ValueError ("no defect found"): the input has no defect to fill.
@@ -217,7 +222,7 @@ def predict_case(
         raise ValueError(f"{final_dir}: output folder is the input's folder; choose another output_dir")
     suffix = mask_suffix(path)
     start = time.perf_counter()
-    img = load_mask(path)
+    img, input_kind = load_skull(path, input_type, bone_threshold_hu)
     iso = img if is_isotropic(img) else to_isotropic(img)
     cube = pad_to_cube(iso, max(iso.shape[1:]) + 2 * generator.margin)
     result = generator(np.asarray(cube[0]) > 0)
@@ -233,10 +238,10 @@ def predict_case(
     voxels = require_implant(implant, math.ceil(min_implant_ml * 1000.0 / float(np.prod(spacing))), name=str(path))
     variance = None if single else back(result["variance"], binary=False)
 
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=output_dir))
-    try:
+    with atomic_folder(final_dir, overwrite) as tmp:
         save_mask(tmp / f"implant{suffix}", implant, reference=img)
+        if input_kind == "ct":
+            save_mask(tmp / f"skull_mask{suffix}", img, reference=img)
         if not single:
             for k, member in enumerate(result["implants"]):
                 save_mask(tmp / f"implant_member_{k}{suffix}", back(member) & ~defective, reference=img)
@@ -249,6 +254,8 @@ def predict_case(
         summary = {
             "case_id": name,
             "input": str(path.resolve()),
+            "input_type": input_kind,
+            "bone_threshold_hu": float(bone_threshold_hu) if input_kind == "ct" else None,
             "shape": list(img.shape[1:]),
             "spacing_mm": [float(s) for s in spacing],
             "resampled_to_isotropic": iso is not img,
@@ -267,13 +274,12 @@ def predict_case(
                           "total": round(time.perf_counter() - start, 3)},
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        if final_dir.exists():  # overwrite=True: swap in the new results
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
+
+
+def _failure_text(failure: dict) -> str:
+    """"<file>: <reason>" of a failed case (a reason that names the file already is kept as it is)."""
+    return failure["error"] if failure["input"] in failure["error"] else f"{failure['input']}: {failure['error']}"
 
 
 def run_inference(
@@ -284,18 +290,46 @@ def run_inference(
     overwrite: bool = False,
     stl: bool = True,
     preview: bool = True,
-) -> list[dict]:
+    input_type: str = "auto",
+    bone_threshold_hu: float = DEFAULT_BONE_HU,
+) -> dict:
     """Run :func:`predict_case` for every input (a file, a folder, a list of files, or datalist
-    entries named by :func:`scripts.data.datalist.case_id`); writes ``<output_dir>/summary.json``."""
+    entries named by :func:`scripts.data.datalist.case_id`) and write ``<output_dir>/summary.json``.
+
+    A failing case does not stop the batch: its file and reason are logged and listed. A case whose
+    ``<output_dir>/<case>/summary.json`` exists is skipped (its summary is reused) unless ``overwrite``.
+    Returns (and writes) ``{"cases": [case summaries, done or skipped], "skipped": [case ids],
+    "failed": [{"input", "error"}]}``. Each failure is logged when it happens; after writing the file,
+    :class:`~scripts.cli.BatchError` lists them all in one message when any case failed.
+    """
+    input_type = check_input_type(input_type)  # a typo fails here, not once per case
+    bone_threshold_hu = check_bone_threshold(bone_threshold_hu)
     if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict):
         cases = [(Path(e["defective"]), case_id(e)) for e in inputs]
     else:
         cases = [(p, None) for p in list_inputs(inputs)]
-    summaries = []
+    report = {"cases": [], "skipped": [], "failed": []}
     for path, cid in tqdm(cases, desc="cases", disable=not generator.progress or len(cases) < 2):
-        summaries.append(predict_case(path, output_dir, generator, cid, weights, overwrite, stl, preview))
-        logger.info("%s: implant %.2f ml in %.1f s", summaries[-1]["case_id"],
-                    summaries[-1]["implant_volume_ml"], summaries[-1]["timings_s"]["total"])
-    atomic_write(Path(output_dir) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summaries, indent=2)),
-                 overwrite=True)
-    return summaries
+        try:
+            name = cid or case_name(path)
+            done = Path(output_dir) / name / "summary.json"
+            if done.is_file() and not overwrite:
+                report["cases"].append(json.loads(done.read_text()))
+                report["skipped"].append(name)
+                logger.info("%s: skipped, results exist in %s (--overwrite true redoes them)", name, done.parent)
+                continue
+            summary = predict_case(path, output_dir, generator, name, weights, overwrite, stl, preview,
+                                   input_type=input_type, bone_threshold_hu=bone_threshold_hu)
+        except Exception as err:  # one bad case must not stop the batch
+            report["failed"].append({"input": str(path), "error": f"{type(err).__name__}: {err}"})
+            logger.error("%s", _failure_text(report["failed"][-1]))
+            logger.debug("traceback of the failure above", exc_info=True)
+            continue
+        report["cases"].append(summary)
+        logger.info("%s: implant %.2f ml in %.1f s", name, summary["implant_volume_ml"], summary["timings_s"]["total"])
+    index = Path(output_dir) / "summary.json"
+    atomic_write(index, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)), overwrite=True)
+    if report["failed"]:
+        raise BatchError(f"{len(report['failed'])} of {len(cases)} cases failed (listed in {index}): "
+                         + "; ".join(_failure_text(f) for f in report["failed"]))
+    return report

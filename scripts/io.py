@@ -9,8 +9,10 @@ rejected.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
@@ -31,9 +33,11 @@ __all__ = [
     "is_isotropic",
     "validate_mask",
     "ValidateMaskd",
+    "load_volume",
     "load_mask",
     "save_mask",
     "atomic_write",
+    "atomic_folder",
     "volume3d",
     "mask3d",
 ]
@@ -158,8 +162,8 @@ class ValidateMaskd(MapTransform):
         return d
 
 
-def load_mask(path: str | os.PathLike) -> MetaTensor:
-    """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine.
+def load_volume(path: str | os.PathLike) -> MetaTensor:
+    """Load a 3D image without checking its values -> MetaTensor (1, X, Y, Z) with RAS affine.
 
     The header is checked first (cheap, and gives clear messages for 2D/4D data and missing
     spacing, which would otherwise surface as opaque reader errors).
@@ -170,10 +174,14 @@ def load_mask(path: str | os.PathLike) -> MetaTensor:
         raise MaskError(f"{path}: expected a 3D volume, got {len(shape)}D data of shape {shape}")
     _check_spacing(spacing, str(path))
     try:
-        img = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+        return LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise RuntimeError/ValueError/OSError/... for corrupt data
         raise MaskError(f"{path}: cannot read image data ({type(err).__name__}: {err})") from err
-    return validate_mask(img, str(path))
+
+
+def load_mask(path: str | os.PathLike) -> MetaTensor:
+    """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine."""
+    return validate_mask(load_volume(path), str(path))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:
@@ -197,6 +205,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrit
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder of ``path`` to fill; on success it replaces ``path`` (os.replace),
+    on any error it is removed, so a crash never leaves a partial result folder.
+
+    The folder gets the normal umask permissions of ``mkdir`` (mkdtemp alone would make it 0700).
+    Raises FileExistsError naming ``path`` if it exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: folder exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_mask(

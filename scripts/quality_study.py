@@ -97,7 +97,8 @@ def _run(config: str, cases: list[dict], out: Path, **overrides) -> list[dict]:
         workflow = _workflow(config, input=cases, output_dir=str(out), **overrides)
         workflow.run()
         workflow.finalize()
-    return json.loads(summary.read_text())
+    written = json.loads(summary.read_text())
+    return written["cases"] if isinstance(written, dict) else written  # inference.json's report / the U-Net's list
 
 
 def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:

@@ -73,11 +73,12 @@ def test_overrides_are_inference_config_keys(app_module):
     every = app_module.parse_overrides(
         ["app.py", "--preset", "small", "--num_samples", "2", "--sampler", "ddpm", "--steps", "1", "--eta", "0.5",
          "--seed", "1", "--device", "cpu", "--denoiser_weights", "d.pt", "--voxelizer_weights", "v.pt", "--overwrite",
-         "--no-stl", "--no-preview", "--no-progress"]
+         "--no-stl", "--no-preview", "--no-progress", "--input_type", "ct", "--bone_threshold_hu", "300"]
     )[0]
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     assert set(every) <= set(config)
     assert every["denoiser_weights"] == str(Path("d.pt").resolve())
+    assert every["input_type"] == "ct" and every["bone_threshold_hu"] == 300.0
 
 
 def _run_app(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -142,4 +143,80 @@ def test_app_on_sample(tmp_path):
     assert summary["implant_voxels"] == int(np.asarray(implant[0]).sum()) > 0
     assert set(summary["weights"]) == {p.name for p in weights}
     assert (out / "implant.stl").is_file()
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())[0]["case_id"] == "defective_skull"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["cases"][0]["case_id"] == "defective_skull"
+
+
+def write_ct_series(ct: np.ndarray, spacing: float, folder: Path) -> tuple[str, list[str]]:
+    """Write a CT volume (X, Y, Z) int16 HU as an axial DICOM CT series (one file per z slice, rows = y,
+    columns = x, LPS position (0, 0, k * spacing)); returns the SeriesInstanceUID and the SOPInstanceUIDs
+    in slice order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = []
+    for k in range(ct.shape[2]):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Skull", "SYN001", "", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "1"
+        ds.ReferringPhysicianName, ds.Manufacturer = "", "synthetic"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, k * spacing], [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], spacing
+        ds.Rows, ds.Columns = ct.shape[1], ct.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "HU"
+        ds.PixelData = np.ascontiguousarray(ct[:, :, k].T, dtype=np.int16).tobytes()
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+        uids.append(ds.SOPInstanceUID)
+    return series, uids
+
+
+@requires_sdk
+def test_dicom_folder_is_told_from_mask_files(app_module, tmp_path):
+    (tmp_path / "dicom" / "series").mkdir(parents=True)
+    (tmp_path / "dicom" / "series" / "000.dcm").write_bytes(b"")
+    assert app_module.is_dicom_input(tmp_path / "dicom")
+    shutil.copy(SAMPLE, tmp_path / "dicom")
+    assert not app_module.is_dicom_input(tmp_path / "dicom") and not app_module.is_dicom_input(SAMPLE)
+
+
+@requires_sdk
+@pytest.mark.slow
+def test_app_on_dicom_ct_series(tmp_path):
+    """A DICOM CT series made from the sample skull (synthetic head CT with a table and noise): the app writes
+    the derived skull mask, the implant (NIfTI in the CT's grid, STL) and a DICOM SEG of the implant that
+    references the series."""
+    import highdicom as hd
+
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.io import load_mask
+
+    skull = np.asarray(load_mask(SAMPLE)[0]) > 0
+    spacing = float(load_mask(SAMPLE).affine[0, 0])
+    series, uids = write_ct_series(synthetic_ct(skull), spacing, tmp_path / "in")
+    run = _run_app(["-i", "in", "-o", "out", "--no-progress", "--no-preview", "--steps", "10"], cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    out = tmp_path / "out" / series
+    derived, implant = load_mask(out / "skull_mask.nii.gz"), load_mask(out / "implant.nii.gz")
+    np.testing.assert_array_equal(np.asarray(derived[0]) > 0, skull)  # table and noise dropped
+    np.testing.assert_allclose(np.asarray(implant.affine), np.diag([-spacing, -spacing, spacing, 1.0]), atol=1e-4)
+    implant = np.asarray(implant[0]) > 0
+    assert implant.sum() > 0 and not (implant & skull).any()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_type"] == "ct" and summary["bone_threshold_hu"] == 150.0
+    assert (out / "implant.stl").is_file()
+
+    (seg_file,) = out.glob("*.dcm")
+    seg = hd.seg.segread(seg_file)
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    assert seg.SegmentSequence[0].SegmentLabel == "Cranial implant"
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(pixels[..., 0].transpose(2, 1, 0) > 0, implant)  # (slice, row, col) -> (x, y, z)

@@ -5,7 +5,9 @@ slow but run in CI. Error paths use the same pipeline with bad inputs.
 """
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -88,12 +90,50 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert set(summary["weights"]) == {"denoiser_small.pt", "voxelizer_small.pt"}
     assert summary["implant_volume_ml"] > 5
     index = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [s["case_id"] for s in index] == ["case"]
+    assert [s["case_id"] for s in index["cases"]] == ["case"] and index["failed"] == []
 
-    # a second run refuses to overwrite the results
-    again = run_bundle("--input", str(inputs), "--output_dir", str(tmp_path / "out"), "--steps", "10",
-                       "--progress", "false")
-    assert again.returncode != 0 and "results exist already" in again.stderr
+
+@pytest.mark.slow
+def test_batch_survives_a_bad_file_and_flags_mean_what_they_say(tmp_path):
+    """Through the real CLI: a corrupt file does not stop the batch (the good case is written, the failure
+    is listed, the exit code is non-zero, the last line names the file and the problem); "false"-like
+    words switch STL and preview off; folders get normal permissions; a rerun skips the finished case."""
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(SAMPLE, inputs / "good.nrrd")
+    (inputs / "broken.nrrd").write_text("not an image")
+    args = ["--input", str(inputs), "--output_dir", str(out), "--steps", "10", "--progress", "Off"]
+    first = run_bundle(*args, "--stl", "false", "--preview", "NO")
+    assert first.returncode != 0
+    last = first.stderr.strip().splitlines()[-1]
+    assert last.startswith("ERROR: 1 of 2 cases failed") and "broken.nrrd: not a readable .nrrd image" in last, last
+    assert "Failed to evaluate" not in first.stderr and "Traceback" not in first.stderr
+    assert sorted(p.name for p in (out / "good").iterdir()) == ["implant.nrrd", "summary.json"]
+    index = json.loads((out / "summary.json").read_text())
+    assert [s["case_id"] for s in index["cases"]] == ["good"] and index["skipped"] == []
+    assert [f["input"] for f in index["failed"]] == [str(inputs / "broken.nrrd")]
+    assert "not a readable .nrrd image" in index["failed"][0]["error"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (out, out / "good"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+
+    (inputs / "broken.nrrd").unlink()
+    written = (out / "good" / "implant.nrrd").stat().st_mtime_ns
+    again = run_bundle(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "good: skipped, results exist" in again.stdout + again.stderr
+    assert (out / "good" / "implant.nrrd").stat().st_mtime_ns == written
+    index = json.loads((out / "summary.json").read_text())
+    assert index["skipped"] == ["good"] and index["failed"] == [] and index["cases"][0]["case_id"] == "good"
+
+
+def test_a_flag_that_is_not_true_or_false_is_refused(tmp_path):
+    run = run_bundle("--output_dir", str(tmp_path / "out"), "--stl", "maybe")
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1] == (
+        "ERROR: --stl: expected true or false (true/yes/on/1 or false/no/off/0), got 'maybe'")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
@@ -112,6 +152,24 @@ def test_anisotropic_input_keeps_its_grid(tmp_path, generator):
     assert out.shape == reference.shape
     assert torch.allclose(out.affine, reference.affine)
     assert not (out.bool() & reference.bool()).any()
+
+
+@pytest.mark.slow
+def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generator):
+    """A head CT in HU (the sample skull with soft tissue, a CT table and noise, NRRD int16): detected as a CT,
+    the skull mask derived from it is written next to the implant and equals the sample's mask."""
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.inference import predict_case
+
+    skull = load_mask(SAMPLE)
+    ct = save_mask(tmp_path / "head_ct.nrrd", synthetic_ct(np.asarray(skull[0]) > 0), skull.affine, dtype=np.int16)
+    summary = predict_case(ct, tmp_path / "out", generator, stl=False, preview=False)
+    case = tmp_path / "out" / "head_ct"
+    assert summary["input_type"] == "ct" and summary["bone_threshold_hu"] == 150.0
+    derived, implant = load_mask(case / "skull_mask.nrrd"), load_mask(case / "implant.nrrd")
+    assert torch.equal(derived, skull) and torch.allclose(implant.affine, skull.affine)
+    assert not (implant.bool() & skull.bool()).any()
+    assert fraction_near(implant, load_mask(TRUTH), 5) > 0.9
 
 
 @pytest.mark.parametrize(

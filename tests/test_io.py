@@ -10,7 +10,17 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
-from scripts.io import MaskError, ValidateMaskd, is_isotropic, load_mask, mask3d, mask_spacing, save_mask, volume3d
+from scripts.io import (
+    MaskError,
+    ValidateMaskd,
+    atomic_folder,
+    is_isotropic,
+    load_mask,
+    mask3d,
+    mask_spacing,
+    save_mask,
+    volume3d,
+)
 
 
 def _affine(spacing=(0.5, 0.6, 2.0), origin=(12.5, -30.0, 41.0), angle=0.3):
@@ -80,6 +90,27 @@ def test_atomic_write_and_overwrite_refusal(tmp_path):
     with pytest.raises(ValueError, match="invertible"):  # failed write leaves nothing either
         save_mask(tmp_path / "sub" / "bad.nrrd", _mask(), np.diag([1.0, 0.0, 1.0, 1.0]))
     assert [p.name for p in path.parent.iterdir()] == ["m.nii.gz"]
+
+
+def test_atomic_folder_has_normal_permissions_and_leaves_nothing_on_error(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_folder(tmp_path / "out" / "case") as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not (tmp_path / "out" / "case").exists()  # invisible until complete
+    case = tmp_path / "out" / "case"
+    assert case.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    with pytest.raises(FileExistsError, match="case"):
+        with atomic_folder(case):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_folder(case, overwrite=True) as tmp:
+            (tmp / "b.txt").write_text("b")
+            raise RuntimeError("crash while writing")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["case"] and (case / "a.txt").is_file()
+    with atomic_folder(case, overwrite=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert [p.name for p in case.iterdir()] == ["b.txt"]
 
 
 def _write_bad_files(d):

@@ -58,6 +58,7 @@ __all__ = [
     "generate_skullbreak",
     "generate_skullfix",
     "preview",
+    "synthetic_ct",
 ]
 
 FOV_MM = 204.8
@@ -412,6 +413,29 @@ class SyntheticCase:
             raise ValueError(f"defect kind {kind!r} is not one of {DEFECT_KINDS}")
         rng = np.random.default_rng([self.seed, self.case_id, 1 + DEFECT_KINDS.index(kind)])
         return apply_defect(self.complete, self.skull, self.spacing, sample_defect(self.skull, kind, rng))
+
+
+def synthetic_ct(skull: np.ndarray, seed: int = 0, table_hu: float = 600.0, specks: int = 50) -> np.ndarray:
+    """A head CT in Hounsfield units (int16, same shape) around a skull mask (X, Y, Z), for CT-input tests.
+
+    Air -1000 HU; soft tissue 40 HU in the ellipsoid spanning the skull's bounding box (+2 voxels);
+    bone 300..1500 HU; Gaussian noise (sigma 20 HU, so soft tissue stays far below a 150 HU bone
+    threshold); a 2-voxel CT table of ``table_hu`` at the posterior border (y = 0, 1), apart from the
+    skull; ``specks`` single noise voxels of 1200 HU in the air. The skull must leave y < 4 free.
+    """
+    skull = np.asarray(skull, dtype=bool)
+    rng = np.random.default_rng(seed)
+    lo, hi = np.argwhere(skull).min(0) - 2, np.argwhere(skull).max(0) + 2
+    if lo[1] < 2:
+        raise ValueError(f"synthetic_ct: the skull reaches y = {lo[1] + 2}; the table needs y < 4 free")
+    grid = np.meshgrid(*(np.arange(n) for n in skull.shape), indexing="ij")
+    head = sum(((g - (a + b) / 2) / ((b - a) / 2)) ** 2 for g, a, b in zip(grid, lo, hi)) <= 1.0
+    ct = np.where(head, 40.0, -1000.0) + rng.normal(0.0, 20.0, skull.shape)
+    ct[skull] = rng.uniform(300.0, 1500.0, int(skull.sum()))
+    ct[:, :2, :] = table_hu
+    air = np.flatnonzero(~head & ~skull & (grid[1] >= 2))
+    ct.flat[rng.choice(air, specks, replace=False)] = 1200.0
+    return np.round(ct).astype(np.int16)
 
 
 def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
