@@ -38,8 +38,12 @@ def val_chamfer(run_dir: str | Path) -> dict[int, float]:
 
 
 def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, iterations_per_epoch: int = 15,
-         seconds_per_iteration: float = 1.08, every: int = 600, setting: str = "DDIM-50") -> str:
-    """Score the kept checkpoints of ``run_dir`` whose iteration is a multiple of ``every``."""
+         seconds_per_iteration: float = 1.08, every: int = 600, setting: str = "DDIM-50",
+         start_iterations: int = 0) -> str:
+    """Score the kept checkpoints of ``run_dir`` whose iteration is a multiple of ``every``.
+
+    ``start_iterations``: iterations already in the run's ``init_weights`` (a warm start), counted
+    into its CPU-hours."""
     cases = held_out_cases(dataset_dir, num_cases)
     chamfer_by_epoch = val_chamfer(run_dir)
     kept = sorted(Path(run_dir, "kept").glob("*.pt"), key=lambda p: int(p.stem))
@@ -52,7 +56,7 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
              progress=False, seed=0, num_samples=1, **SETTINGS[setting])
         report = evaluate_predictions(cases, folder, folder / "evaluation")
         mean = {k: v["mean"] for k, v in report["metrics"].items()}
-        rows.append({"iteration": iteration, "cpu_hours": iteration * seconds_per_iteration / 3600,
+        rows.append({"iteration": iteration, "cpu_hours": (start_iterations + iteration) * seconds_per_iteration / 3600,
                      "dsc": mean["dsc"], "bdsc": mean["bdsc"], "hd95_mm": mean["hd95"],
                      "val_chamfer": chamfer_by_epoch.get(iteration // iterations_per_epoch)})
         print(rows[-1], flush=True)
