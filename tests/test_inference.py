@@ -64,7 +64,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     shutil.copy(SAMPLE, inputs / "case.nrrd")
     before = (inputs / "case.nrrd").read_bytes()
     result = run_bundle("--input", str(inputs), "--output_dir", str(tmp_path / "out"), "--num_samples", "2",
-                        "--steps", "10", "--progress", "false")
+                        "--sampler", "ddim", "--steps", "10", "--progress", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     case = tmp_path / "out" / "case"
     names = {p.name for p in case.iterdir()}
