@@ -78,10 +78,11 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert not (implant.bool() & skull.bool()).any()
     assert implant.sum() > 0
     # the implant sits in the defect: nearly all of it within 5 voxels (8 mm) of the true implant, and it
-    # overlaps the truth (the shipped weights do not fill the defect exactly: docs/default_weights.md)
+    # overlaps the truth. The vote of two members is their intersection: DSC 0.19 with the shipped
+    # weights, against 0.41 for one DPM-Solver++ sample (docs/default_weights.md)
     truth = load_mask(TRUTH)
     assert fraction_near(implant, truth, 5) > 0.9
-    assert dice(implant[0] > 0, truth[0] > 0) > 0.25
+    assert dice(implant[0] > 0, truth[0] > 0) > 0.15
     variance = LoadImage(image_only=True)(str(case / "implant_variance.nrrd"))
     assert tuple(variance.shape) == tuple(skull.shape[1:])
     assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
@@ -222,8 +223,8 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     skull = np.asarray(load_mask(SAMPLE)[0]) > 0
     clouds = {}
     for eta, seed in ((1.0, 0), (1.0, 0), (1.0, 1), (0.0, 0)):
-        _, clouds[eta, seed] = _generator(steps=4, eta=eta, seed=seed).complete_points(skull)
-    assert np.array_equal(clouds[1.0, 0], _generator(steps=4, eta=1.0).complete_points(skull)[1])
+        _, clouds[eta, seed] = _generator(sampler="ddim", steps=4, eta=eta, seed=seed).complete_points(skull)
+    assert np.array_equal(clouds[1.0, 0], _generator(sampler="ddim", steps=4, eta=1.0).complete_points(skull)[1])
     assert not np.allclose(clouds[1.0, 0], clouds[1.0, 1]) and not np.allclose(clouds[1.0, 0], clouds[0.0, 0])
     from scripts.diffusion.process import ConditionalDiffusion
     from scripts.inference import ImplantGenerator
@@ -238,19 +239,19 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
 
 
 @pytest.mark.slow
-def test_skull_without_defect_is_not_detected_but_the_volume_guard_stops_tiny_implants(tmp_path, generator):
-    """Documented behaviour (docs/README.md, Limitations): a complete skull still gets an implant proposal
-    where the generated points land; only an implant below ``min_implant_ml`` raises "no defect found"."""
+def test_skull_without_defect_is_reported_by_the_volume_guard(tmp_path, generator):
+    """Documented behaviour (docs/README.md, Limitations): on a complete skull the shipped model's points
+    land on the existing bone, the completed skull adds only a sliver, and the ``min_implant_ml`` guard
+    (1 ml) stops the run with "no defect found"; without the guard the sliver is what comes out."""
     from scripts.inference import predict_case
 
     skull, truth = load_mask(SAMPLE), load_mask(TRUTH)
     complete = save_mask(tmp_path / "complete.nrrd", (skull[0] > 0) | (truth[0] > 0), skull.affine)
-    summary = predict_case(complete, tmp_path / "out", generator, stl=False, preview=False)
-    assert summary["implant_volume_ml"] > 1.0
     with pytest.raises(ValueError, match=r"complete.nrrd.*no defect found"):
-        predict_case(complete, tmp_path / "again", generator, stl=False, preview=False,
-                     min_implant_ml=summary["implant_volume_ml"] + 1.0)
-    assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+        predict_case(complete, tmp_path / "out", generator, stl=False, preview=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    summary = predict_case(complete, tmp_path / "again", generator, stl=False, preview=False, min_implant_ml=0.0)
+    assert 0.0 <= summary["implant_volume_ml"] < 1.0
 
 
 @pytest.mark.slow
