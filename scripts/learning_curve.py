@@ -1,11 +1,11 @@
 """Learning curve of a denoiser training run: held-out DSC and Chamfer against CPU-hours.
 
-For every kept checkpoint ``<kept_dir>/<iteration>.pt`` (training checkpoints, copied out of the
+For every kept checkpoint ``<run_dir>/kept/<iteration>.pt`` (training checkpoints, copied out of the
 run's ``checkpoints/`` folder while it trains: MONAI's saver keeps only the last two), the EMA
 weights run the bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases
 of the quality study and are scored with ``configs/evaluate.json``; the Chamfer distance is the
 run's own ``val_chamfer`` (TensorBoard) at the same iteration. CPU-hours are iterations x
-``seconds_per_iteration`` (measured alone on one core, see docs/training.md), because wall time on
+``seconds_per_iteration`` (default: the 0.3.0 recipe's measured rate on one core, see docs/training.md), because wall time on
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 
