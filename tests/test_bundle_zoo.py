@@ -18,7 +18,7 @@ from monai.bundle import ckpt_export, verify_net_in_out
 from monai.data import load_net_with_metadata
 
 from scripts.engines import load_weights
-from scripts.large_files import read_manifest, refresh
+from tools.large_files import read_manifest, refresh
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPIndicator
 
@@ -32,7 +32,7 @@ BUNDLE_PARTS = ("configs", "scripts", "models", "docs", "large_files.yml", "LICE
 # ----------------------------------------------------------------------------- large_files.yml
 def test_large_files_hashes_match_the_shipped_weights():
     """Every manifest entry names an existing file whose real sha256 is the recorded one
-    (after new weights: ``python -m scripts.large_files``)."""
+    (after new weights: ``python -m tools.large_files``)."""
     _, entries = read_manifest(ROOT / "large_files.yml")
     assert {e["path"] for e in entries} == {"models/denoiser_small.pt", "models/voxelizer_small.pt"}
     for entry in entries:

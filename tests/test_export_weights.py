@@ -1,10 +1,10 @@
-"""scripts.export_weights: checkpoint -> bare weights file that load_weights and the inference config accept."""
+"""tools.export_weights: checkpoint -> bare weights file that load_weights and the inference config accept."""
 
 import pytest
 import torch
 
 from scripts.engines import load_weights
-from scripts.export_weights import export_weights
+from tools.export_weights import export_weights
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 
 

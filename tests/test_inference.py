@@ -259,9 +259,9 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
     """The quality study's TRUE_POINTS setting: the shipped voxelizer and post-processing turn points
     on the true implant's surface (in place of diffusion samples) into an implant close to the truth."""
     from scripts.inference import predict_case
-    from scripts.quality_study import TruePointsGenerator
+    from tools.quality_study import TruePointsGenerator
 
-    generator = _generator(**{"generator#_target_": "scripts.quality_study.TruePointsGenerator"})
+    generator = _generator(**{"generator#_target_": "tools.quality_study.TruePointsGenerator"})
     assert isinstance(generator, TruePointsGenerator)
     generator.truth = str(TRUTH)
     summary = predict_case(SAMPLE, tmp_path, generator, stl=False, preview=False)

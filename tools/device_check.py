@@ -47,8 +47,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from scripts.benchmark_denoiser import synthetic_input
-from scripts.benchmark_dpsr import sphere_cloud
+from tools.benchmark_denoiser import synthetic_input
+from tools.benchmark_dpsr import sphere_cloud
 from scripts.networks.dpsr import DPSR
 from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
 from scripts.networks.pvcnn_ops import (

@@ -10,7 +10,7 @@ The ``TRUE_POINTS`` setting replaces the diffusion model by points drawn on the 
 surface (same number, same condition, voxelizer and post-processing): the score a perfect denoiser
 would get, which separates the two networks' shares of the error.
 
-    python -m scripts.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
+    python -m tools.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
 """
 
 from __future__ import annotations

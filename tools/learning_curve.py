@@ -9,8 +9,8 @@ run's own ``val_chamfer`` (TensorBoard) at the same iteration. CPU-hours are ite
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 
-    python -m scripts.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
-    python -m scripts.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
+    python -m tools.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
+    python -m tools.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import fire
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.evaluate import evaluate_predictions
-from scripts.export_weights import export_weights
+from tools.export_weights import export_weights
 from scripts.io import atomic_write
-from scripts.quality_study import SETTINGS, _run, held_out_cases
+from tools.quality_study import SETTINGS, _run, held_out_cases
 
 
 def val_chamfer(run_dir: str | Path) -> dict[int, float]:

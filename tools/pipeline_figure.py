@@ -3,7 +3,7 @@
 The "generated" points and the complete skull shown are the sample's ground truth (an illustration
 of what each stage produces, not a model output).
 
-    python -m scripts.pipeline_figure --out docs/images/pipeline.png
+    python -m tools.pipeline_figure --out docs/images/pipeline.png
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Turn a training checkpoint into a bare weights file for ``models/`` (what the inference config loads).
 
-    python -m scripts.export_weights runs/diffusion/checkpoints/final.pt models/denoiser_small.pt --key ema_network
-    python -m scripts.large_files     # then refresh the checksums in large_files.yml
+    python -m tools.export_weights runs/diffusion/checkpoints/final.pt models/denoiser_small.pt --key ema_network
+    python -m tools.large_files     # then refresh the checksums in large_files.yml
 """
 
 from __future__ import annotations
