@@ -27,11 +27,11 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
 
     from scripts.data.resample import pad_to_cube
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.engines import load_weights
-    from scripts.inference import ImplantGenerator
+    from scripts.generator import ImplantGenerator
     from scripts.io import load_mask
     from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
     from scripts.networks.sap import SAPVoxelizer
+    from scripts.weights import load_weights
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.inference import file_sha256
+from scripts.cases import file_sha256
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
