@@ -37,6 +37,7 @@ app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -57,6 +58,11 @@ CONFIG = Path("configs") / "inference.json"
 APP_BUNDLE = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("cranial_implant_pcdiff.deploy")
+
+
+def bundle_version(root: Path) -> str:
+    """The bundle's version, from its ``configs/metadata.json`` (the app's version is the bundle's)."""
+    return json.loads((root / "configs" / "metadata.json").read_text())["version"]
 
 # The DICOM series the app works on: the first CT series of each study.
 CT_SERIES_RULES = '{"selections": [{"name": "CT Series", "conditions": {"Modality": "(?i)CT"}}]}'
@@ -120,7 +126,7 @@ class MaskLoaderOperator(Operator):
         spec.output("masks")
 
     def compute(self, op_input, op_output, context):
-        from scripts.inference import list_inputs
+        from scripts.cases import list_inputs
         from scripts.io import MaskError, read_header_geometry
 
         masks, problems = list_inputs(self.input_path), []
@@ -171,11 +177,12 @@ class ImplantInferenceOperator(Operator):
         parser.update({"bundle_root": str(self.bundle_root), "input": [str(p) for p in masks],
                        "output_dir": str(self.output_path), **self.overrides})
         try:
-            report = parser.get_parsed_content("run")[0]
+            parser.get_parsed_content("run")
         except RuntimeError as err:  # ConfigExpression wraps the job's own error: surface that one
             if err.__cause__ is None:
                 raise
             raise err.__cause__ from None
+        report = json.loads((self.output_path / "summary.json").read_text())
         for s in report["cases"]:
             logger.info("%s: implant %d voxels (%.2f ml), %.1f s -> %s", s["case_id"], s["implant_voxels"],
                         s["implant_volume_ml"], s["timings_s"]["total"], self.output_path / s["case_id"])
@@ -224,7 +231,7 @@ class VolumeFileOperator(Operator):
 
 def is_dicom_input(path: Path) -> bool:
     """True for a folder that holds no .nrrd/.nii/.nii.gz file (then it is read as DICOM, sub-folders included);
-    the files looked at are the ones ``scripts.inference.list_inputs`` would take."""
+    the files looked at are the ones ``scripts.cases.list_inputs`` would take."""
     from scripts.io import MASK_SUFFIXES
 
     return path.is_dir() and not any(p.is_file() and p.name.lower().endswith(MASK_SUFFIXES) for p in path.iterdir())
@@ -247,7 +254,7 @@ class CranialImplantApp(Application):
     name = "cranial_implant_pcdiff"
     description = ("Defective skull mask or CT (.nrrd/.nii.gz, or a DICOM CT series) -> implant mask, DICOM SEG, "
                    "STL and preview (PCDiff).")
-    version = "0.1.0"
+    version = bundle_version(APP_BUNDLE)
 
     def __init__(self, *args, overrides: dict | None = None, **kwargs):
         self.overrides = dict(overrides or {})

@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Hashable, Mapping
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 from scripts.implant import largest_component
 from scripts.io import MaskError, load_volume, mask_spacing, validate_mask
 
 __all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "looks_like_ct",
-           "skull_from_ct", "load_skull"]
+           "skull_from_ct", "load_skull", "LoadSkulld"]
 
 DEFAULT_BONE_HU = 150.0
 AIR_HU = -500.0
@@ -91,3 +94,23 @@ def load_skull(path: str | os.PathLike, input_type: str = "auto",
     if kind == "mask":
         return validate_mask(img, str(path)), kind
     return skull_from_ct(img, bone_threshold_hu, str(path)), kind
+
+
+class LoadSkulld(MapTransform):
+    """Dictionary version of :func:`load_skull`: each key's file -> its skull mask (1, X, Y, Z); the
+    decision ("mask" or "ct") goes to ``kind_key`` and the bone threshold used (None for a mask) to
+    ``"bone_threshold_hu"``. Bad ``input_type`` / ``bone_threshold_hu`` values
+    fail here, when the transform is built, not once per case."""
+
+    def __init__(self, keys: KeysCollection, input_type: str = "auto", bone_threshold_hu: float = DEFAULT_BONE_HU,
+                 kind_key: str = "input_type") -> None:
+        super().__init__(keys)
+        self.input_type, self.bone_threshold_hu = check_input_type(input_type), check_bone_threshold(bone_threshold_hu)
+        self.kind_key = kind_key
+
+    def __call__(self, data: Mapping[Hashable, str]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key], d[self.kind_key] = load_skull(d[key], self.input_type, self.bone_threshold_hu)
+            d["bone_threshold_hu"] = self.bone_threshold_hu if d[self.kind_key] == "ct" else None
+        return d

@@ -25,14 +25,13 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.data import MetaTensor, decollate_batch
-from monai.data.utils import affine_to_spacing
 from monai.engines.utils import IterationEvents
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import HausdorffDistanceMetric
 from monai.utils import CommonKeys
 
 from scripts.data.datalist import case_id
-from scripts.io import MASK_SUFFIXES, MaskError, atomic_write, mask_suffix, read_header_geometry
+from scripts.io import MASK_SUFFIXES, MaskError, affine_spacing, atomic_write, mask_suffix, read_header_geometry
 
 __all__ = [
     "METRICS",
@@ -136,7 +135,7 @@ class PixdimHausdorffDistanceMetric(HausdorffDistanceMetric):
             if not isinstance(y, MetaTensor):
                 raise ValueError("y: not a MetaTensor, so no voxel spacing; pass spacing= in the call.")
             affines = torch.as_tensor(y.affine, dtype=torch.float64).reshape(-1, 4, 4)
-            kwargs["spacing"] = [affine_to_spacing(a, r=3).tolist() for a in affines]
+            kwargs["spacing"] = [affine_spacing(a).tolist() for a in affines]
         return super()._compute_tensor(y_pred, y, **kwargs)
 
 

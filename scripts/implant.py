@@ -21,13 +21,22 @@ below. Opening and closing are idempotent, so the reference's applying each twic
 
 from __future__ import annotations
 
+import math
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
 import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 from monai.transforms.utils import get_largest_connected_component_mask
 from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from scripts.io import mask3d, volume3d
+from scripts.data.resample import crop_from_cube, to_original_grid
+from scripts.io import is_isotropic, mask3d, mask_spacing, volume3d
 
 __all__ = [
     "BALL3",
@@ -47,6 +56,8 @@ __all__ = [
     "combine_completes",
     "ensemble_mean_and_variance",
     "require_implant",
+    "ImplantToInputGridd",
+    "RequireImplantd",
 ]
 
 BALL3 = ndimage.generate_binary_structure(3, 2)  # 3x3x3 cube without its 8 corners
@@ -298,3 +309,57 @@ def require_implant(implant, min_voxels: int = 1, name: str = "implant") -> int:
             "the completed skull adds nothing to the defective skull (is the input skull complete?)."
         )
     return n
+
+
+def _to_input_grid(volume: np.ndarray, cube: MetaTensor, iso: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
+    """A model-grid volume (X', Y', Z') -> the input's exact grid (X, Y, Z): bool if binary else float32."""
+    data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
+    out = crop_from_cube(MetaTensor(data, affine=cube.affine), iso)
+    if not is_isotropic(img):
+        out = to_original_grid(out, img, binary=binary)
+    out = np.asarray(out[0])
+    return out > 0.5 if binary else out.astype(np.float32)
+
+
+class ImplantToInputGridd(MapTransform):
+    """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the padded
+    cube ``cube_key``) -> the input's exact grid (``reference_key``, the input skull mask, via its isotropic
+    version ``isotropic_key``), without the skull's voxels: ``implant`` (the single member, or the
+    ensemble's majority vote), and for an ensemble ``implant_members`` and ``implant_variance`` (float32)."""
+
+    def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", isotropic_key: str = "isotropic",
+                 reference_key: str = "skull") -> None:
+        super().__init__(keys)
+        self.cube_key, self.isotropic_key, self.reference_key = cube_key, isotropic_key, reference_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        cube, iso, img = d[self.cube_key], d[self.isotropic_key], d[self.reference_key]
+        defective = np.asarray(img[0]) > 0
+        for key in self.key_iterator(d):
+            pred = d[key]
+            single = len(pred["implants"]) == 1
+            d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, iso, img,
+                                          True) & ~defective
+            d["implant_members"] = None if single else [
+                _to_input_grid(m, cube, iso, img, True) & ~defective for m in pred["implants"]]
+            d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, iso, img, False)
+        return d
+
+
+class RequireImplantd(MapTransform):
+    """:func:`require_implant` on ``keys`` with a volume threshold: an implant smaller than ``min_implant_ml``
+    (in the reference mask's voxel spacing) raises ValueError ("no defect found") naming the ``name_key``
+    file; the voxel count goes to ``<key>_voxels``."""
+
+    def __init__(self, keys: KeysCollection = "implant", reference_key: str = "skull", min_implant_ml: float = 1.0,
+                 name_key: str = "input") -> None:
+        super().__init__(keys)
+        self.reference_key, self.min_implant_ml, self.name_key = reference_key, float(min_implant_ml), name_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        min_voxels = math.ceil(self.min_implant_ml * 1000.0 / float(np.prod(mask_spacing(d[self.reference_key]))))
+        for key in self.key_iterator(d):
+            d[f"{key}_voxels"] = require_implant(d[key], min_voxels, name=str(Path(d[self.name_key])))
+        return d

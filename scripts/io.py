@@ -29,6 +29,7 @@ __all__ = [
     "MaskError",
     "mask_suffix",
     "read_header_geometry",
+    "affine_spacing",
     "mask_spacing",
     "is_isotropic",
     "validate_mask",
@@ -102,9 +103,15 @@ def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tupl
         raise MaskError(f"{path}: not a readable {suffix} image ({type(err).__name__}: {err})") from err
 
 
+def affine_spacing(affine) -> np.ndarray:
+    """Voxel spacing in mm, shape (3,), of a 4x4 voxel-to-mm affine (numpy or torch): the one place the
+    bundle derives spacing from an affine."""
+    return np.asarray(affine_to_spacing(torch.as_tensor(affine), r=3, suppress_zeros=False), dtype=np.float64)
+
+
 def mask_spacing(img: MetaTensor) -> np.ndarray:
     """Voxel spacing in mm, shape (3,), from the MetaTensor's affine."""
-    return np.asarray(affine_to_spacing(torch.as_tensor(img.affine), r=3, suppress_zeros=False), dtype=np.float64)
+    return affine_spacing(img.affine)
 
 
 def is_isotropic(img: MetaTensor, tol: float = 1e-3) -> bool:

@@ -22,7 +22,7 @@ from monai.inferers import Inferer, SimpleInferer
 
 from scripts.evaluate import case_id as entry_case_id
 from scripts.implant import largest_component, raw_implant
-from scripts.inference import case_name, file_sha256, list_inputs
+from scripts.cases import case_name, file_sha256, list_inputs
 from scripts.io import atomic_write, load_mask, mask_spacing, mask_suffix, save_mask
 
 __all__ = ["unet_cases", "predict_unet_case", "run_unet_inference"]

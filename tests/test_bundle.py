@@ -1,10 +1,13 @@
-"""Bundle-level checks: metadata validates offline against the shipped schema, configs parse."""
+"""Bundle-level checks: metadata validates offline against the shipped schema, configs parse, MONAI's
+inference properties, one version everywhere."""
 
+import ast
 import json
 from pathlib import Path
 
 import pytest
-from monai.bundle import ConfigParser, verify_metadata
+import yaml
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -25,13 +28,60 @@ def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.json")))
-def test_config_files_parse(config):
-    """Every bundle config is valid JSON that MONAI's ConfigParser reads; multi_gpu_* override files
-    are read merged on top of the config they override, as users run them."""
-    files = [CONFIGS / config]
-    if config.startswith("multi_gpu_"):
-        files.insert(0, CONFIGS / config.removeprefix("multi_gpu_"))
+OVERLAYS = {"multi_gpu_train.json": ["train_diffusion.json", "train_voxelizer.json"],
+            "recipes/denoiser_small.json": ["train_diffusion.json"],
+            "recipes/voxelizer_small.json": ["train_voxelizer.json"]}
+CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in OVERLAYS] + [
+    [base, overlay] for overlay, bases in OVERLAYS.items() for base in bases]
+
+
+@pytest.mark.parametrize("configs", CONFIG_RUNS, ids="+".join)
+def test_config_files_parse(configs):
+    """Every bundle config is valid JSON that MONAI's ConfigParser reads; overlays (multi-GPU, recipes)
+    are read merged on top of the configs they overlay, as users run them, and change only keys those have."""
     parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
+    parser.read_config([str(CONFIGS / c) for c in configs])
     assert isinstance(parser.get(), dict)
+    if len(configs) > 1:
+        base = ConfigParser()
+        base.read_config(str(CONFIGS / configs[0]))
+        overlay = json.loads((CONFIGS / configs[1]).read_text())
+        assert all(key.split("#")[0] in base.get() for key in overlay), sorted(set(overlay) - set(base.get()))
+
+
+def test_overlays_cover_every_config_they_name():
+    assert {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.glob("recipes/*.json")} | {"multi_gpu_train.json"} \
+        == set(OVERLAYS)
+
+
+def test_inference_config_has_monai_inference_properties():
+    """MONAI's property check of an inference bundle (what the Deploy bundle operator and Zoo tooling use)."""
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), workflow_type="infer",
+                              bundle_root=str(ROOT), logging_file=False)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.parser["run"] == workflow.parser["inference"]  # `run` and `run inference` do the same
+
+
+def test_shipped_recipes_are_what_inference_expects():
+    """The recipe overlays of the shipped weights build the recipes inference.json checks the weights
+    against (so training and inference cannot drift apart silently)."""
+    from tools.export_weights import training_recipe
+
+    infer = ConfigParser()
+    infer.read_config(str(CONFIGS / "inference.json"))
+    for recipe, expected in (("denoiser_small", "denoiser_recipe"), ("voxelizer_small", "voxelizer_recipe")):
+        base = "train_diffusion.json" if recipe.startswith("denoiser") else "train_voxelizer.json"
+        trained = training_recipe([str(CONFIGS / base), str(CONFIGS / "recipes" / f"{recipe}.json")])
+        wanted = infer.get_parsed_content(expected)
+        assert trained["name"] == recipe and {k: trained[k] for k in wanted} == wanted
+
+
+def test_deploy_app_version_is_the_bundle_version():
+    """deploy/app.py reads its version from configs/metadata.json (no literal), app.yaml states the same."""
+    version = json.loads((CONFIGS / "metadata.json").read_text())["version"]
+    app = ast.parse((ROOT / "deploy" / "app.py").read_text())
+    cls = next(n for n in app.body if isinstance(n, ast.ClassDef) and n.name == "CranialImplantApp")
+    assigned = next(n.value for n in cls.body if isinstance(n, ast.Assign) and n.targets[0].id == "version")
+    assert ast.unparse(assigned) == "bundle_version(APP_BUNDLE)"
+    assert str(yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())["application"]["version"]) == version

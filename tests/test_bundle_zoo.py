@@ -1,7 +1,7 @@
 """Model Zoo readiness: large_files.yml checksums, MONAI's offline bundle checks (verify_net_in_out,
 ckpt_export) and a zipped copy of the bundle that loads with monai.bundle.ConfigWorkflow.
 
-What can and cannot be exported, and why: docs/export.md.
+What can and cannot be exported, and why: docs/bundle_checks.md.
 """
 
 import hashlib
@@ -17,24 +17,24 @@ from monai.apps.utils import check_hash
 from monai.bundle import ckpt_export, verify_net_in_out
 from monai.data import load_net_with_metadata
 
-from scripts.engines import load_weights
-from scripts.large_files import read_manifest, refresh
+from scripts.weights import load_weights
+from tools.large_files import read_manifest, refresh
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPIndicator
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
 INFER = ROOT / "configs" / "inference.json"
-WEIGHTS = {"network_def": ROOT / "models" / "denoiser_small.pt", "voxelizer_def": ROOT / "models" / "voxelizer_small.pt"}
+WEIGHTS = {"network_def": ROOT / "models" / "model.pt", "voxelizer_def": ROOT / "models" / "model_voxelizer.pt"}
 BUNDLE_PARTS = ("configs", "scripts", "models", "docs", "large_files.yml", "LICENSE", "README.md")
 
 
 # ----------------------------------------------------------------------------- large_files.yml
 def test_large_files_hashes_match_the_shipped_weights():
     """Every manifest entry names an existing file whose real sha256 is the recorded one
-    (after new weights: ``python -m scripts.large_files``)."""
+    (after new weights: ``python -m tools.large_files``)."""
     _, entries = read_manifest(ROOT / "large_files.yml")
-    assert {e["path"] for e in entries} == {"models/denoiser_small.pt", "models/voxelizer_small.pt"}
+    assert {e["path"] for e in entries} == {"models/model.pt", "models/model_voxelizer.pt"}
     for entry in entries:
         assert set(entry) == {"path", "url", "hash_val", "hash_type"}
         assert entry["hash_type"] == "sha256" and entry["url"].startswith("https://")
@@ -44,15 +44,15 @@ def test_large_files_hashes_match_the_shipped_weights():
 def test_refresh_rewrites_hashes_and_keeps_the_header(tmp_path):
     shutil.copy(ROOT / "large_files.yml", tmp_path)
     (tmp_path / "models").mkdir()
-    for name in ("denoiser_small.pt", "voxelizer_small.pt"):
+    for name in ("model.pt", "model_voxelizer.pt"):
         (tmp_path / "models" / name).write_bytes(name.encode())
     refresh(tmp_path)
     header, entries = read_manifest(tmp_path / "large_files.yml")
     assert header == read_manifest(ROOT / "large_files.yml")[0] and header.startswith("# MONAI Model Zoo")
     for entry in entries:
         assert entry["hash_val"] == hashlib.sha256(Path(entry["path"]).name.encode()).hexdigest()
-    (tmp_path / "models" / "voxelizer_small.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="models/voxelizer_small.pt"):
+    (tmp_path / "models" / "model_voxelizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="models/model_voxelizer.pt"):
         refresh(tmp_path)
 
 
@@ -83,10 +83,10 @@ def test_verify_net_in_out_catches_a_wrong_channel_count():
 def test_ckpt_export_traced_voxelizer_matches_eager(tmp_path):
     """ckpt_export --use_trace writes a TorchScript voxelizer (with metadata and config inside) that
     equals the eager network on inputs other than the tracing example (other N, batch 2)."""
-    out = tmp_path / "voxelizer_small.ts"
+    out = tmp_path / "model_voxelizer.ts"
     ckpt_export(net_id="voxelizer_def", filepath=str(out), ckpt_file=str(WEIGHTS["voxelizer_def"]),
-                meta_file=str(META), config_file=str(INFER), use_trace=True, input_shape=[1, 3, 3072],
-                bundle_root=str(ROOT))
+                key_in_ckpt="network", meta_file=str(META), config_file=str(INFER), use_trace=True,
+                input_shape=[1, 3, 3072], bundle_root=str(ROOT))
     ts, meta, extra = load_net_with_metadata(str(out), more_extra_files=["inference.json"])
     assert meta["version"] == json.loads(META.read_text())["version"]
     assert json.loads(extra["inference.json"])["voxelizer_def"]["_target_"] == "scripts.networks.sap.SAPIndicator"
@@ -101,8 +101,8 @@ def test_ckpt_export_traced_voxelizer_matches_eager(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-def test_denoiser_export_limits_documented_in_export_md():
-    """docs/export.md: the denoiser cannot be scripted, and a trace only replays the example input
+def test_denoiser_export_limits_documented_in_bundle_checks_md():
+    """docs/bundle_checks.md: the denoiser cannot be scripted, and a trace only replays the example input
     (furthest point sampling / ball query run in numpy / scipy and become constants)."""
     net = load_weights(PVCNN2Denoiser("small"), WEIGHTS["network_def"]).eval()
     with pytest.raises(torch.jit.frontend.UnsupportedNodeError, match="function definitions aren't supported"):

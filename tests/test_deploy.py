@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "deploy" / "app.py"
 SAMPLE = ROOT / "sample" / "defective_skull.nrrd"
-SHIPPED = [ROOT / "models" / "denoiser_small.pt", ROOT / "models" / "voxelizer_small.pt"]
+SHIPPED = [ROOT / "models" / "model.pt", ROOT / "models" / "model_voxelizer.pt"]
 
 requires_sdk = pytest.mark.skipif(
     importlib.util.find_spec("monai.deploy") is None,
@@ -49,6 +49,11 @@ def app_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@requires_sdk
+def test_app_version_is_the_bundle_version(app_module):
+    assert app_module.CranialImplantApp.version == json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]
 
 
 @requires_sdk

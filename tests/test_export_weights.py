@@ -1,11 +1,20 @@
-"""scripts.export_weights: checkpoint -> bare weights file that load_weights and the inference config accept."""
+"""tools.export_weights: training checkpoint -> weights file with its recipe, which load_weights and the
+inference config accept and MONAI's own loaders read with ``key_in_ckpt="network"``."""
+
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import load
 
-from scripts.engines import load_weights
-from scripts.export_weights import export_weights
-from scripts.networks.pvcnn2 import PVCNN2Denoiser
+from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
+from scripts.weights import load_weights, read_recipe
+from tools.export_weights import export_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = [str(ROOT / "configs" / "train_diffusion.json"), str(ROOT / "configs" / "recipes" / "denoiser_small.json")]
 
 
 def test_exported_ema_weights_load_into_the_network(tmp_path):
@@ -13,13 +22,43 @@ def test_exported_ema_weights_load_into_the_network(tmp_path):
     net, ema = PVCNN2Denoiser("tiny"), PVCNN2Denoiser("tiny")
     ckpt = tmp_path / "final.pt"
     torch.save({"network": net.state_dict(), "ema_network": ema.state_dict(), "trainer": {"iteration": 7}}, ckpt)
-    out = export_weights(ckpt, tmp_path / "models" / "denoiser_tiny.pt", key="ema_network")
+    overlay = tmp_path / "tiny.json"  # the denoiser recipe at the tiny preset, as a further overlay
+    overlay.write_text(json.dumps({"preset": "tiny", "recipe#name": "denoiser_tiny"}))
+    out = export_weights(ckpt, tmp_path / "models" / "model.pt", [*RECIPE, str(overlay)], key="ema_network")
     loaded = load_weights(PVCNN2Denoiser("tiny"), out)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.state_dict().items())
     assert not all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
-    assert set(torch.load(out, weights_only=True)) == set(ema.state_dict())  # bare state dict
+    stored = torch.load(out, weights_only=True)  # plain types only: MONAI's loaders use weights_only=True
+    assert set(stored) == {"network", "recipe"} and set(stored["network"]) == set(ema.state_dict())
+    assert read_recipe(out) == {"name": "denoiser_tiny", "preset": "tiny", "prediction_type": "sample",
+                                "clip_x0": 4.0, "num_points": PRESETS["tiny"]["num_points"],
+                                "num_condition": PRESETS["tiny"]["num_condition"],
+                                "bundle_version": json.loads((ROOT / "configs" / "metadata.json").read_text())["version"]}
 
-    with pytest.raises(FileExistsError, match="denoiser_tiny.pt"):
-        export_weights(ckpt, out)
+    with pytest.raises(FileExistsError, match="model.pt"):
+        export_weights(ckpt, out, RECIPE)
     with pytest.raises(KeyError, match=r"final.pt: no state dict under 'ema' \(has \['ema_network', 'network', 'trainer'\]\)"):
-        export_weights(ckpt, tmp_path / "x.pt", key="ema")
+        export_weights(ckpt, tmp_path / "x.pt", RECIPE, key="ema")
+    with pytest.raises(KeyError, match="no 'recipe' entry"):
+        export_weights(ckpt, tmp_path / "y.pt", str(ROOT / "configs" / "evaluate.json"))
+
+
+def test_a_weights_file_without_recipe_is_refused_when_a_recipe_is_asked_for(tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save(PVCNN2Denoiser("tiny").state_dict(), bare)
+    load_weights(PVCNN2Denoiser("tiny"), bare)  # warm starts and checkpoints need no recipe
+    with pytest.raises(ValueError, match=r"bare.pt: the file carries no training recipe.*tools.export_weights"):
+        load_weights(PVCNN2Denoiser("tiny"), bare, recipe={"preset": "tiny"})
+
+
+def test_monai_bundle_load_reads_the_shipped_weights(tmp_path):
+    """``monai.bundle.load`` of a local bundle copy: models/model.pt into the inference config's
+    network_def, with key_in_ckpt="network" (the command docs/README.md gives)."""
+    bundle = tmp_path / "cranial_implant_pcdiff"
+    for part in ("configs", "models", "scripts"):
+        shutil.copytree(ROOT / part, bundle / part)
+    net = load(name="cranial_implant_pcdiff", bundle_dir=str(tmp_path), source="github", workflow_type="inference",
+               key_in_ckpt="network", device="cpu")
+    assert isinstance(net, PVCNN2Denoiser)
+    shipped = torch.load(ROOT / "models" / "model.pt", weights_only=True)["network"]
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped.items())

@@ -20,11 +20,12 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, Spacing
 from scipy.ndimage import distance_transform_edt
 
-from scripts.engines import load_weights
+from scripts.cases import case_datalist, predict_case
 from scripts.io import MaskError, load_mask, save_mask
 from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
+from scripts.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference.json"
@@ -38,12 +39,24 @@ def fraction_near(implant, truth, voxels: float) -> float:
     return float((distance[np.asarray(implant[0], dtype=bool)] <= voxels).mean())
 
 
-def _generator(**overrides):
-    """The ImplantGenerator exactly as configs/inference.json builds it (shipped weights)."""
+def _parser(**overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
     parser.update({"bundle_root": str(ROOT), "progress": False, **overrides})
-    return parser.get_parsed_content("generator")
+    return parser
+
+
+def _generator(**overrides):
+    """The ImplantGenerator exactly as configs/inference.json builds it (shipped weights)."""
+    return _parser(**overrides).get_parsed_content("inferer")
+
+
+def run_case(path, output_dir, generator, **overrides) -> dict:
+    """One file through configs/inference.json's preprocessing, ``generator`` and postprocessing (the
+    config's options as ``overrides``: stl, preview, min_implant_ml, ...); returns the case summary."""
+    parser = _parser(output_dir=str(output_dir), **overrides)
+    preprocessing, postprocessing = (parser.get_parsed_content(k) for k in ("preprocessing", "postprocessing"))
+    return predict_case(case_datalist([path])[0], preprocessing, generator, postprocessing)
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +64,21 @@ def generator():
     return _generator(steps=10)
 
 
-def run_bundle(*args):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--bundle_root", str(ROOT)]
+def run_bundle(*args, run_id: tuple = ()):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *run_id, "--config_file", str(CONFIG), "--bundle_root", str(ROOT)]
     return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_inference_config_end_to_end_ensemble(tmp_path):
-    """CLI run with an ensemble: every output file, in the input's grid, implant inside the defect."""
+    """CLI run (as ``run inference``, the config's named run ID) with an ensemble: every output file,
+    in the input's grid, implant inside the defect."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(SAMPLE, inputs / "case.nrrd")
     before = (inputs / "case.nrrd").read_bytes()
     result = run_bundle("--input", str(inputs), "--output_dir", str(tmp_path / "out"), "--num_samples", "2",
-                        "--sampler", "ddim", "--steps", "10", "--progress", "false")
+                        "--sampler", "ddim", "--steps", "10", "--progress", "false", run_id=("inference",))
     assert result.returncode == 0, result.stderr[-3000:]
     case = tmp_path / "out" / "case"
     names = {p.name for p in case.iterdir()}
@@ -88,7 +102,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
     summary = json.loads((case / "summary.json").read_text())
     assert summary["num_samples"] == 2 and summary["sampler"] == "ddim" and summary["network_calls"] == 10
-    assert set(summary["weights"]) == {"denoiser_small.pt", "voxelizer_small.pt"}
+    assert set(summary["weights"]) == {"model.pt", "model_voxelizer.pt"}
     assert summary["implant_volume_ml"] > 5
     index = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [s["case_id"] for s in index["cases"]] == ["case"] and index["failed"] == []
@@ -140,13 +154,11 @@ def test_a_flag_that_is_not_true_or_false_is_refused(tmp_path):
 @pytest.mark.slow
 def test_anisotropic_input_keeps_its_grid(tmp_path, generator):
     """A SkullFix-like anisotropic input is resampled for the model and the implant mapped back."""
-    from scripts.inference import predict_case
-
     skull = load_mask(SAMPLE)
     aniso = Spacing(pixdim=(1.6, 1.6, 2.4), mode="nearest")(skull.float())
     aniso = MetaTensor((aniso > 0.5).to(torch.uint8), affine=aniso.affine)
     path = save_mask(tmp_path / "aniso.nii.gz", aniso[0], aniso.affine)
-    summary = predict_case(path, tmp_path / "out", generator, preview=False)
+    summary = run_case(path, tmp_path / "out", generator, preview=False)
     out = load_mask(tmp_path / "out" / "aniso" / "implant.nii.gz")
     reference = load_mask(path)
     assert summary["resampled_to_isotropic"]
@@ -160,11 +172,10 @@ def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generat
     """A head CT in HU (the sample skull with soft tissue, a CT table and noise, NRRD int16): detected as a CT,
     the skull mask derived from it is written next to the implant and equals the sample's mask."""
     from scripts.data.synthetic import synthetic_ct
-    from scripts.inference import predict_case
 
     skull = load_mask(SAMPLE)
     ct = save_mask(tmp_path / "head_ct.nrrd", synthetic_ct(np.asarray(skull[0]) > 0), skull.affine, dtype=np.int16)
-    summary = predict_case(ct, tmp_path / "out", generator, stl=False, preview=False)
+    summary = run_case(ct, tmp_path / "out", generator, stl=False, preview=False)
     case = tmp_path / "out" / "head_ct"
     assert summary["input_type"] == "ct" and summary["bone_threshold_hu"] == 150.0
     derived, implant = load_mask(case / "skull_mask.nrrd"), load_mask(case / "implant.nrrd")
@@ -182,8 +193,8 @@ def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generat
     ],
 )
 def test_bad_inputs_fail_before_any_output(tmp_path, make, message):
-    from scripts.inference import ImplantGenerator, predict_case
     from scripts.diffusion.process import ConditionalDiffusion
+    from scripts.generator import ImplantGenerator
 
     skull = load_mask(SAMPLE)
     array = make(np.asarray(skull[0]))
@@ -197,7 +208,7 @@ def test_bad_inputs_fail_before_any_output(tmp_path, make, message):
         nrrd.write(str(path), array.astype(np.uint8), {"spacings": [1.0, 1.0]})
     gen = ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64, progress=False)
     with pytest.raises(MaskError, match=message) as err:
-        predict_case(path, tmp_path / "out", gen)
+        run_case(path, tmp_path / "out", gen)
     assert str(path) in str(err.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -212,10 +223,24 @@ def test_not_an_image_is_reported(tmp_path):
 def test_weights_must_exist_and_match_the_preset(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_weights(PVCNN2Denoiser("tiny"), tmp_path / "missing.pt")
-    with pytest.raises(ValueError, match="denoiser_small.pt.*preset"):
-        load_weights(PVCNN2Denoiser("tiny"), ROOT / "models" / "denoiser_small.pt")
-    with pytest.raises(ValueError, match="voxelizer_small.pt"):
-        load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "voxelizer_small.pt")
+    with pytest.raises(ValueError, match="model.pt.*preset"):
+        load_weights(PVCNN2Denoiser("tiny"), ROOT / "models" / "model.pt")
+    with pytest.raises(ValueError, match="model_voxelizer.pt"):
+        load_weights(SAPVoxelizer("tiny"), ROOT / "models" / "model_voxelizer.pt")
+
+
+@pytest.mark.parametrize("override, key", [({"prediction_type": "epsilon"}, "prediction_type"),
+                                           ({"clip_x0": None}, "clip_x0")])
+def test_weights_trained_with_another_recipe_are_refused(override, key):
+    """The shipped weights carry their recipe; the inference config asks for its own and a mismatch
+    fails on loading, naming the file and the key (not as a shape error, or silently wrong samples)."""
+    from scripts.cli import root_cause
+
+    with pytest.raises(RuntimeError) as err:
+        _parser(**override).get_parsed_content("denoiser")
+    message = str(root_cause(err.value))
+    assert message.startswith(f"{ROOT / 'models' / 'model.pt'}: recipe mismatch for '{key}'"), message
+    assert "denoiser_small" in message
 
 
 def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
@@ -227,7 +252,7 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     assert np.array_equal(clouds[1.0, 0], _generator(sampler="ddim", steps=4, eta=1.0).complete_points(skull)[1])
     assert not np.allclose(clouds[1.0, 0], clouds[1.0, 1]) and not np.allclose(clouds[1.0, 0], clouds[0.0, 0])
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.inference import ImplantGenerator
+    from scripts.generator import ImplantGenerator
 
     def build(sampler, eta):
         return ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
@@ -243,14 +268,12 @@ def test_skull_without_defect_is_reported_by_the_volume_guard(tmp_path, generato
     """Documented behaviour (docs/README.md, Limitations): on a complete skull the shipped model's points
     land on the existing bone, the completed skull adds only a sliver, and the ``min_implant_ml`` guard
     (1 ml) stops the run with "no defect found"; without the guard the sliver is what comes out."""
-    from scripts.inference import predict_case
-
     skull, truth = load_mask(SAMPLE), load_mask(TRUTH)
     complete = save_mask(tmp_path / "complete.nrrd", (skull[0] > 0) | (truth[0] > 0), skull.affine)
     with pytest.raises(ValueError, match=r"complete.nrrd.*no defect found"):
-        predict_case(complete, tmp_path / "out", generator, stl=False, preview=False)
+        run_case(complete, tmp_path / "out", generator, stl=False, preview=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    summary = predict_case(complete, tmp_path / "again", generator, stl=False, preview=False, min_implant_ml=0.0)
+    summary = run_case(complete, tmp_path / "again", generator, stl=False, preview=False, min_implant_ml=0.0)
     assert 0.0 <= summary["implant_volume_ml"] < 1.0
 
 
@@ -258,13 +281,12 @@ def test_skull_without_defect_is_reported_by_the_volume_guard(tmp_path, generato
 def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
     """The quality study's TRUE_POINTS setting: the shipped voxelizer and post-processing turn points
     on the true implant's surface (in place of diffusion samples) into an implant close to the truth."""
-    from scripts.inference import predict_case
-    from scripts.quality_study import TruePointsGenerator
+    from tools.quality_study import TruePointsGenerator
 
-    generator = _generator(**{"generator#_target_": "scripts.quality_study.TruePointsGenerator"})
+    generator = _generator(**{"inferer#_target_": "tools.quality_study.TruePointsGenerator"})
     assert isinstance(generator, TruePointsGenerator)
     generator.truth = str(TRUTH)
-    summary = predict_case(SAMPLE, tmp_path, generator, stl=False, preview=False)
+    summary = run_case(SAMPLE, tmp_path, generator, stl=False, preview=False)
     implant, truth = load_mask(tmp_path / "defective_skull" / "implant.nrrd"), load_mask(TRUTH)
     assert summary["network_calls"] == 0
     assert dice(implant[0] > 0, truth[0] > 0) > 0.85

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from scripts.data.synthetic import generate_skullbreak
-from scripts.engines import init_distributed, load_weights
+from scripts.distributed import init_distributed
+from scripts.weights import load_weights
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HASH_EXPR = (
     "$pathlib.Path(@output_dir, f'weights_rank{torch.distributed.get_rank()}.sha256').write_text("
     "hashlib.sha256(b''.join(p.detach().cpu().numpy().tobytes() "
-    "for p in scripts.engines.unwrap(@network).parameters())).hexdigest())"
+    "for p in scripts.distributed.unwrap(@network).parameters())).hexdigest())"
 )
 
 
@@ -44,9 +45,9 @@ def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
     """Run train_<name>.json + multi_gpu_train_<name>.json on 2 CPU processes; returns the combined log."""
     check = out.parent / f"hash_{name}.json"  # test-only override: write the weight hashes, then finalize as usual
     imports = json.loads((ROOT / f"configs/train_{name}.json").read_text())["imports"]
-    finalize = json.loads((ROOT / f"configs/multi_gpu_train_{name}.json").read_text())["finalize"]
+    finalize = json.loads((ROOT / f"configs/multi_gpu_train.json").read_text())["finalize"]
     check.write_text(json.dumps({"imports": [*imports, "$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))
-    configs = f"['configs/train_{name}.json','configs/multi_gpu_train_{name}.json','{check}']"
+    configs = f"['configs/train_{name}.json','configs/multi_gpu_train.json','{check}']"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(dataset_dir),

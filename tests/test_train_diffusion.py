@@ -18,7 +18,7 @@ from bundle_training import train_in_process
 
 from scripts.data.synthetic import generate_skullbreak
 from scripts.diffusion.chamfer import chamfer_distance
-from scripts.engines import attach_checkpointing, checkpoint_files, latest_checkpoint
+from scripts.checkpoints import attach_checkpointing, checkpoint_files, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/train_diffusion.json"

@@ -12,7 +12,7 @@ from bundle_training import train_in_process
 from scripts.data.datalist import build_datalist
 from scripts.data.resample import pad_to_cube
 from scripts.data.synthetic import generate_skullbreak
-from scripts.engines import load_weights
+from scripts.weights import load_weights
 from scripts.io import load_mask
 from scripts.networks.sap import SAPVoxelizer
 

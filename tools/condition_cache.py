@@ -1,4 +1,4 @@
-"""An :class:`~scripts.inference.ImplantGenerator` whose condition points can be computed ahead.
+"""An :class:`~scripts.generator.ImplantGenerator` whose condition points can be computed ahead.
 
 The GPU image has no Open3D (its wheel is about 100 MB, over what travels to the device machine),
 so the Poisson-disk condition points are drawn on a machine with it and read back there.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.inference import ImplantGenerator
+from scripts.generator import ImplantGenerator
 
 
 class CachedConditionGenerator(ImplantGenerator):

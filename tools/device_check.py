@@ -47,8 +47,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from scripts.benchmark_denoiser import synthetic_input
-from scripts.benchmark_dpsr import sphere_cloud
+from tools.benchmark_denoiser import synthetic_input
+from tools.benchmark_dpsr import sphere_cloud
 from scripts.networks.dpsr import DPSR
 from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
 from scripts.networks.pvcnn_ops import (
@@ -308,8 +308,8 @@ def run_bundle(device: str, sample: Path, output_dir: Path, cache: Path, overrid
     come from ``cache`` where it holds them); every other setting is the config's.
     """
     args = {"input": str(sample), "output_dir": str(output_dir), "device": device, "overwrite": True,
-            "progress": False, "generator#_target_": "tools.condition_cache.CachedConditionGenerator",
-            "generator#condition_cache": str(cache), **overrides}
+            "progress": False, "inferer#_target_": "tools.condition_cache.CachedConditionGenerator",
+            "inferer#condition_cache": str(cache), **overrides}
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "inference.json")]
     for key, value in args.items():
         cmd += [f"--{key}", str(value)]
@@ -452,7 +452,8 @@ def train_worker(spec_path: str) -> None:
     import torch.distributed as dist
 
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.engines import DiffusionTrainStep, distributed_model, init_distributed
+    from scripts.distributed import distributed_model, init_distributed
+    from scripts.engines import DiffusionTrainStep
 
     spec = json.loads(Path(spec_path).read_text())
     device = init_distributed()

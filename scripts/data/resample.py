@@ -9,14 +9,16 @@ and keep the direction cosines and origin of the input.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import ResampleToMatch, Spacing, SpatialCrop, SpatialPad
+from monai.transforms import MapTransform, ResampleToMatch, Spacing, SpatialCrop, SpatialPad
 
-from scripts.io import mask_spacing
+from scripts.io import is_isotropic, mask_spacing
 
-__all__ = ["to_isotropic", "to_original_grid", "pad_to_cube", "crop_from_cube"]
+__all__ = ["to_isotropic", "Isotropicd", "to_original_grid", "pad_to_cube", "crop_from_cube"]
 
 
 def _binarize(img: MetaTensor) -> MetaTensor:
@@ -35,6 +37,16 @@ def to_isotropic(img: MetaTensor, spacing_mm: float | None = None) -> MetaTensor
     if spacing_mm <= 0:
         raise ValueError(f"to_isotropic: spacing_mm must be positive, got {spacing_mm}")
     return _binarize(Spacing(pixdim=spacing_mm, mode="bilinear")(img.float()))
+
+
+class Isotropicd(MapTransform):
+    """Masks (1, X, Y, Z) with anisotropic voxels -> :func:`to_isotropic`; isotropic ones pass unchanged."""
+
+    def __call__(self, data: Mapping[Hashable, MetaTensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key] if is_isotropic(d[key]) else to_isotropic(d[key])
+        return d
 
 
 def to_original_grid(mask: MetaTensor, reference: MetaTensor, binary: bool = True) -> MetaTensor:

@@ -39,7 +39,8 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 from scipy.special import sph_harm_y_all
 
-from scripts.io import load_mask, save_mask
+from scripts.io import load_mask, mask_spacing, save_mask
+from scripts.outputs import first_hit
 
 __all__ = [
     "FOV_MM",
@@ -540,9 +541,7 @@ def _oriented(a: np.ndarray, transpose: Sequence[int], flips: Sequence[bool]) ->
 
 def _render(labels: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Lambert-shaded depth render of labels (rows, cols, depth) seen from depth 0 -> RGB (rows, cols, 3)."""
-    hit = labels > 0
-    first = np.argmax(hit, axis=2)
-    seen = hit.any(axis=2)
+    seen, first = first_hit(labels > 0, axis=2, from_end=False)
     depth = np.where(seen, first * spacing[2], 0.0)
     # median: drop single pixels that look through a stair step of the cut edge; then a
     # normalised convolution smooths the voxel terraces without blending in the background
@@ -601,7 +600,7 @@ def preview(
     implant_file = Path(implant) if implant is not None else implant_file
     skull_img = load_mask(skull_file)
     labels = np.asarray(skull_img[0], dtype=np.uint8)
-    spacing = np.sqrt((np.asarray(skull_img.affine)[:3, :3] ** 2).sum(0))
+    spacing = mask_spacing(skull_img)
     if implant_file is not None:
         implant_mask = np.asarray(load_mask(implant_file)[0]) > 0
         if implant_mask.shape != labels.shape:

@@ -5,7 +5,7 @@ own. The input mimics a normalised skull: condition points on two concentric she
 inner table, radius 3.0 / 2.8) with a missing cap (the defect), generated points as pure noise
 (the first sampler step, t = T - 1).
 
-    python -m scripts.benchmark_denoiser main --batches=1,5 --threads=1,2 --preset=paper --repeats=3
+    python -m tools.benchmark_denoiser main --batches=1,5 --threads=1,2 --preset=paper --repeats=3
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main(batches: str | int | tuple = "1,5", preset: str = "paper", repeats: int
     rows = []
     for n in _ints(threads):
         for b in _ints(batches):
-            cmd = [sys.executable, "-m", "scripts.benchmark_denoiser", "measure", f"--batch={b}", f"--preset={preset}",
+            cmd = [sys.executable, "-m", "tools.benchmark_denoiser", "measure", f"--batch={b}", f"--preset={preset}",
                    f"--repeats={repeats}", f"--seed={seed}", f"--threads={n}"]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))

@@ -3,7 +3,7 @@
 Each entry names a file (``path``, relative to the bundle root), where to download it (``url``) and its
 ``hash_val`` / ``hash_type``. After replacing weights in ``models/``, refresh the hashes with::
 
-    python -m scripts.large_files            # rewrites large_files.yml in the bundle root
+    python -m tools.large_files            # rewrites large_files.yml in the bundle root
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from scripts.inference import file_sha256
+from scripts.cases import file_sha256
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import open3d as o3d
 import pytest
 from matplotlib.image import imread
 
-from scripts.export import mask_to_mesh, save_preview, save_stl, write_stl
+from scripts.outputs import mask_to_mesh, save_preview, save_stl, write_stl
 
 N = 32
 

@@ -9,8 +9,8 @@ run's own ``val_chamfer`` (TensorBoard) at the same iteration. CPU-hours are ite
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 
-    python -m scripts.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
-    python -m scripts.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
+    python -m tools.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
+    python -m tools.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import fire
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.evaluate import evaluate_predictions
-from scripts.export_weights import export_weights
 from scripts.io import atomic_write
-from scripts.quality_study import SETTINGS, _run, held_out_cases
+from tools.export_weights import export_weights
+from tools.quality_study import SETTINGS, _run, held_out_cases
+
+RECIPE = ("configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
 
 
 def val_chamfer(run_dir: str | Path) -> dict[int, float]:
@@ -39,11 +41,11 @@ def val_chamfer(run_dir: str | Path) -> dict[int, float]:
 
 def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, iterations_per_epoch: int = 15,
          seconds_per_iteration: float = 1.08, every: int = 600, setting: str = "DDIM-50",
-         start_iterations: int = 0) -> str:
+         start_iterations: int = 0, config: str | tuple = RECIPE) -> str:
     """Score the kept checkpoints of ``run_dir`` whose iteration is a multiple of ``every``.
 
     ``start_iterations``: iterations already in the run's ``init_weights`` (a warm start), counted
-    into its CPU-hours."""
+    into its CPU-hours. ``config``: the run's training config(s), for the weights files' recipe."""
     cases = held_out_cases(dataset_dir, num_cases)
     chamfer_by_epoch = val_chamfer(run_dir)
     kept = sorted(Path(run_dir, "kept").glob("*.pt"), key=lambda p: int(p.stem))
@@ -51,7 +53,7 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
     for checkpoint in (p for p in kept if int(p.stem) % every == 0):
         iteration = int(checkpoint.stem)
         folder = Path(output_dir) / f"iteration_{iteration}"
-        weights = export_weights(checkpoint, folder / "denoiser.pt", key="ema_network", overwrite=True)
+        weights = export_weights(checkpoint, folder / "denoiser.pt", config, key="ema_network", overwrite=True)
         _run("inference.json", cases, folder, denoiser_weights=str(weights), stl=False, preview=False,
              progress=False, seed=0, num_samples=1, **SETTINGS[setting])
         report = evaluate_predictions(cases, folder, folder / "evaluation")

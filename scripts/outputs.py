@@ -1,4 +1,5 @@
-"""Export of implant masks: STL surface meshes in scanner millimetres and a preview PNG.
+"""What an inference case writes: the implant masks, an STL surface mesh in scanner millimetres, a
+preview PNG and the case summary, together in ``<output_dir>/<case>/`` (:class:`SaveCased`).
 
 Meshes: marching cubes on the (optionally Gaussian-smoothed) mask, vertices mapped through the MONAI
 voxel-to-RAS affine and written in LPS by default. 3D Slicer (since 4.11, 2020) assumes LPS for mesh
@@ -9,9 +10,11 @@ Faces are wound counter-clockwise seen from outside (outward normals, positive s
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +23,16 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from monai.transforms import Transform
 from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
-from scripts.io import atomic_write, mask3d
+from scripts.cases import file_sha256
+from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_spacing, mask_suffix, save_mask
 
-__all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "save_preview"]
+__all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
+           "SaveCased"]
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -139,16 +145,22 @@ def save_stl(
     return write_stl(path, verts, faces, coordinate_system, overwrite)
 
 
-def _depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Projection along ``axis``, viewed from its high-index end.
+def first_hit(mask: np.ndarray, axis: int, from_end: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Where rays along ``axis`` first meet a bool mask, seen from its high-index end (or from index 0).
 
-    Returns (hit, depth): bool and float (B, C) over the two remaining axes in order; depth is the
-    index of the first hit seen from the high end, scaled to 0 (far side) .. 1 (near side).
+    Returns (hit, index): bool and int (B, C) over the two remaining axes in order.
     """
-    n = mask.shape[axis]
     hit = mask.any(axis=axis)
-    last = n - 1 - np.argmax(np.flip(mask, axis=axis), axis=axis)
-    return hit, last / max(n - 1, 1)
+    if from_end:
+        return hit, mask.shape[axis] - 1 - np.argmax(np.flip(mask, axis=axis), axis=axis)
+    return hit, np.argmax(mask, axis=axis)
+
+
+def depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Projection along ``axis``, viewed from its high-index end: (hit, depth) with depth the first hit's
+    index scaled to 0 (far side) .. 1 (near side)."""
+    hit, index = first_hit(mask, axis)
+    return hit, index / max(mask.shape[axis] - 1, 1)
 
 
 def save_preview(
@@ -198,8 +210,8 @@ def save_preview(
     axes = fig.subplots(1, 3)
     for ax, (axis, name) in zip(axes, ((2, "axial (along k)"), (1, "coronal (along j)"), (0, "sagittal (along i)"))):
         b, c = (d for d in range(3) if d != axis)
-        s_hit, s_depth = _depth_view(s, axis)
-        o_hit, o_depth = _depth_view(overlay, axis)
+        s_hit, s_depth = depth_view(s, axis)
+        o_hit, o_depth = depth_view(overlay, axis)
         rgb = np.ones(s_hit.shape + (3,))
         rgb[s_hit] = (0.25 + 0.6 * s_depth[s_hit])[:, None]  # grey, nearer is brighter
         if var is None:
@@ -228,3 +240,67 @@ def save_preview(
     if title:
         fig.suptitle(title)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite)
+
+
+class SaveCased(Transform):
+    """Write one case's results into ``<output_dir>/<case>/`` and put its summary under ``"summary"``.
+
+    Files, in the input's format and grid: ``implant``; for an ensemble also ``implant_member_<k>``,
+    ``implant_mean`` and ``implant_variance`` (float32); for a CT the derived ``skull_mask``; then
+    ``implant.stl`` (mm, LPS), ``preview.png`` and ``summary.json``. The folder is built in a temporary
+    sibling and renamed into place, so a crash never leaves partial results; an existing result folder
+    raises FileExistsError unless ``overwrite``. ``weights``: files whose SHA-256 the summary records.
+
+    Reads the keys the inference config's pipeline sets: ``case``, ``input``, ``skull`` (input-grid mask),
+    ``input_type``, ``bone_threshold_hu``, ``pred`` (generator result), ``implant``, ``implant_members``,
+    ``implant_variance``, ``implant_voxels``, ``started``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, weights: Sequence[str | os.PathLike] = (),
+                 overwrite: bool = False, stl: bool = True, preview: bool = True) -> None:
+        self.output_dir, self.weights = Path(output_dir), [Path(w) for w in weights]
+        self.overwrite, self.stl, self.preview = overwrite, stl, preview
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        path, name, img = Path(d["input"]), d["case"], d["skull"]
+        final_dir = self.output_dir / name
+        if final_dir.exists() and not self.overwrite:
+            raise FileExistsError(f"{final_dir}: results exist already (pass overwrite=True / --overwrite true)")
+        if final_dir.resolve() == path.parent.resolve():
+            raise ValueError(f"{final_dir}: output folder is the input's folder; choose another output_dir")
+        suffix, spacing = mask_suffix(path), mask_spacing(img)
+        implant, members, variance = d["implant"], d["implant_members"], d["implant_variance"]
+        defective = np.asarray(img[0]) > 0
+        with atomic_folder(final_dir, self.overwrite) as tmp:
+            save_mask(tmp / f"implant{suffix}", implant, reference=img)
+            if d["input_type"] == "ct":
+                save_mask(tmp / f"skull_mask{suffix}", img, reference=img)
+            if members is not None:
+                for k, member in enumerate(members):
+                    save_mask(tmp / f"implant_member_{k}{suffix}", member, reference=img)
+                save_mask(tmp / f"implant_mean{suffix}", implant, reference=img)
+                save_mask(tmp / f"implant_variance{suffix}", variance, reference=img, dtype=np.float32)
+            if self.stl:
+                save_stl(tmp / "implant.stl", implant, img.affine)
+            if self.preview:
+                save_preview(tmp / "preview.png", defective, implant, variance=variance, spacing=spacing, title=name)
+            pred, voxels = d["pred"], d["implant_voxels"]
+            d["summary"] = {
+                "case_id": name,
+                "input": str(path.resolve()),
+                "input_type": d["input_type"],
+                "bone_threshold_hu": d["bone_threshold_hu"],
+                "shape": list(img.shape[1:]),
+                "spacing_mm": [float(s) for s in spacing],
+                "resampled_to_isotropic": not is_isotropic(img),
+                "implant_voxels": voxels,
+                "implant_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
+                "member_voxels": [int(m.sum()) for m in pred["implants"]],
+                **pred["settings"],
+                "weights": {w.name: file_sha256(w) for w in self.weights},
+                "timings_s": {**{k: round(v, 3) for k, v in pred["timings"].items()},
+                              "total": round(time.perf_counter() - d["started"], 3)},
+            }
+            (tmp / "summary.json").write_text(json.dumps(d["summary"], indent=2))
+        return d

@@ -3,7 +3,7 @@
 Runs each setting in a fresh subprocess and reports wall time per stage and peak resident memory.
 Untrained (randomly initialised) networks are fine for timing; pass weights to time real ones.
 
-    python -m scripts.benchmark_pipeline --preset paper --size 512 --sampler ddim --steps 50 --num_samples 1,5
+    python -m tools.benchmark_pipeline --preset paper --size 512 --sampler ddim --steps 50 --num_samples 1,5
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
 
     from scripts.data.resample import pad_to_cube
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.engines import load_weights
-    from scripts.inference import ImplantGenerator
+    from scripts.generator import ImplantGenerator
     from scripts.io import load_mask
     from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
     from scripts.networks.sap import SAPVoxelizer
+    from scripts.weights import load_weights
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def main(preset: str = "paper", size: int = 512, sampler: str = "ddim", steps: i
         rows = []
         for n in sizes:
             args = [preset, mask, sampler, steps, n, threads, seed, denoiser_weights, voxelizer_weights]
-            code = f"import json, sys; from scripts.benchmark_pipeline import _one; print(json.dumps(_one(*{args!r})))"
+            code = f"import json, sys; from tools.benchmark_pipeline import _one; print(json.dumps(_one(*{args!r})))"
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(markdown_table(rows))

@@ -10,7 +10,7 @@ The ``TRUE_POINTS`` setting replaces the diffusion model by points drawn on the 
 surface (same number, same condition, voxelizer and post-processing): the score a perfect denoiser
 would get, which separates the two networks' shares of the error.
 
-    python -m scripts.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
+    python -m tools.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import fire
 import numpy as np
 from monai.bundle import ConfigWorkflow
 
-from scripts.data.datalist import build_datalist, case_id
+from scripts.cases import case_datalist, predict_case
+from scripts.data.datalist import build_datalist
 from scripts.data.points import mask_to_surface_points
 from scripts.data.resample import pad_to_cube
 from scripts.evaluate import evaluate_predictions
-from scripts.inference import ImplantGenerator, predict_case
+from scripts.generator import ImplantGenerator
 from scripts.io import atomic_write, is_isotropic, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +106,14 @@ def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:
     """The TRUE_POINTS setting: configs/inference.json with :class:`TruePointsGenerator`, case by case."""
     summary = out / "summary.json"
     if not summary.is_file():
-        workflow = _workflow("inference.json", **{"generator#_target_": f"{__name__}.TruePointsGenerator", **overrides})
-        generator = workflow.parser.get_parsed_content("generator")
+        workflow = _workflow("inference.json", output_dir=str(out), stl=False, preview=False,
+                             **{"inferer#_target_": f"{__name__}.TruePointsGenerator", **overrides})
+        generator, preprocessing, postprocessing = (workflow.parser.get_parsed_content(k) for k in
+                                                    ("inferer", "preprocessing", "postprocessing"))
         summaries = []
-        for case in cases:
+        for case, entry in zip(cases, case_datalist(cases)):
             generator.truth = case["implant"]
-            summaries.append(predict_case(case["defective"], out, generator, case_id(case), stl=False, preview=False))
+            summaries.append(predict_case(entry, preprocessing, generator, postprocessing))
         atomic_write(summary, lambda tmp: Path(tmp).write_text(json.dumps(summaries, indent=2)), overwrite=True)
     return json.loads(summary.read_text())
 

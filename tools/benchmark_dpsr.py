@@ -4,7 +4,7 @@ Every (resolution, mode) setting runs in a fresh subprocess so that max RSS is t
 Modes: ``forward`` (inference, ``torch.no_grad``) and ``backward`` (forward + backward of the mean of
 the output w.r.t. points and normals). Points: a deterministic Fibonacci sphere with outward normals.
 
-    python -m scripts.benchmark_dpsr --res 128 256 512 --points 215040
+    python -m tools.benchmark_dpsr --res 128 256 512 --points 215040
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for res in args.res:
         for mode in args.modes:
-            cmd = [sys.executable, "-m", "scripts.benchmark_dpsr", "--single", "--res", str(res),
+            cmd = [sys.executable, "-m", "tools.benchmark_dpsr", "--single", "--res", str(res),
                    "--points", str(args.points), "--modes", mode]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             print(f"| {res} | {r['points']:,} | {mode} | {r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_gb']} | "

@@ -6,7 +6,7 @@ sizes a good model gives (an untrained model's points and indicator fill the who
 the distance filter far slower than in real use). Times
 :func:`scripts.implant.postprocess_ensemble`, the post-processing step of ``ImplantGenerator``.
 
-    python -m scripts.benchmark_postprocessing --size 512 --defect bilateral --num_points 3072 --members 1,5
+    python -m tools.benchmark_postprocessing --size 512 --defect bilateral --num_points 3072 --members 1,5
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import fire
 import numpy as np
 
-from scripts.benchmark_pipeline import markdown_table
+from tools.benchmark_pipeline import markdown_table
 from scripts.data.points import mask_to_surface_points
 from scripts.data.synthetic import skullbreak_case
 from scripts.implant import postprocess_ensemble

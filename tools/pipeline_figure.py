@@ -3,7 +3,7 @@
 The "generated" points and the complete skull shown are the sample's ground truth (an illustration
 of what each stage produces, not a model output).
 
-    python -m scripts.pipeline_figure --out docs/images/pipeline.png
+    python -m tools.pipeline_figure --out docs/images/pipeline.png
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from matplotlib.figure import Figure
 
 from scripts.data.points import mask_to_surface_points
 from scripts.io import atomic_write, load_mask
+from scripts.outputs import depth_view
 
 
 def _render(mask: np.ndarray) -> np.ndarray:
     """Depth-shaded view of a (X, Y, Z) mask seen from the right (+i), as (Z, Y) grey levels."""
-    hit = mask.any(axis=0)
-    depth = (mask.shape[0] - 1 - np.argmax(mask[::-1], axis=0)) / (mask.shape[0] - 1)
+    hit, depth = depth_view(mask, 0)
     return np.where(hit, 0.25 + 0.75 * depth, 1.0).T
 
 

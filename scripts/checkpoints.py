@@ -1,0 +1,110 @@
+"""Training checkpoints: resume from the newest loadable one, save every few iterations (MONAI handlers)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from scripts.distributed import is_main_process, unwrap
+
+logger = logging.getLogger(__name__)
+
+_CKPT_ITERATION = re.compile(r"iteration=(\d+)\.pt$")
+FINAL_CHECKPOINT = "final.pt"
+OPTIONAL_CHECKPOINT_OBJECTS = {"lr_scheduler"}  # may be missing from checkpoints of older bundle versions
+
+
+def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Training checkpoints in ckpt_dir: MONAI's ``*iteration=<n>.pt`` in the order of n, then ``final.pt``."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    numbered = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := _CKPT_ITERATION.search(p.name))]
+    final = folder / FINAL_CHECKPOINT
+    return [p for _, p in sorted(numbered, key=lambda item: item[0])] + ([final] if final.is_file() else [])
+
+
+def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, set[str]] | None:
+    """(path, names of the stored objects) of the newest loadable checkpoint in ckpt_dir, or None;
+    see :func:`latest_checkpoint`."""
+    latest, latest_iteration = None, -1
+    for path in checkpoint_files(ckpt_dir):
+        try:  # mmap: the zip directory is checked and the trainer state read without loading tensors
+            stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            iteration = int(stored["trainer"]["iteration"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+            logger.warning("skipping unreadable checkpoint %s: %s", path, err)
+            continue
+        if iteration >= latest_iteration:
+            latest, latest_iteration = (str(path), set(stored)), iteration
+    return latest
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """Path of the loadable checkpoint in ckpt_dir with the highest stored trainer iteration, or None.
+
+    The iteration is read from the file, not its name, so a ``final.pt`` of an earlier, shorter run
+    does not shadow the numbered checkpoints of a longer run continued from it. A run killed while
+    writing leaves a truncated file (MONAI's CheckpointSaver does not write atomically); such a file
+    is skipped with a warning, so training resumes from the one before.
+    """
+    newest = _newest_checkpoint(ckpt_dir)
+    return newest[0] if newest else None
+
+
+def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: str = "cpu") -> list:
+    """[CheckpointLoader] for the newest loadable checkpoint in ckpt_dir, or [] for a fresh run.
+
+    load_dict must include the trainer so the iteration/epoch counters resume too.
+    A checkpoint written before the configs had an ``lr_scheduler`` resumes without it (the schedule
+    restarts, with a warning); any other missing object raises ValueError naming the file.
+    """
+    newest = _newest_checkpoint(ckpt_dir)
+    if newest is None:
+        return []
+    path, stored = newest
+    missing = sorted(set(load_dict) - stored)
+    if set(missing) - OPTIONAL_CHECKPOINT_OBJECTS:
+        raise ValueError(f"checkpoint {path} lacks {missing} (stored: {sorted(stored)}); it does not belong to "
+                         "this training config: move it out of the checkpoint folder to start afresh")
+    if missing:
+        logger.warning("checkpoint %s lacks %s: resuming without it (its state starts afresh)", path, missing)
+    logger.info("resuming from %s", path)
+    load = {k: v for k, v in load_dict.items() if k not in missing}
+    return [CheckpointLoader(load_path=path, load_dict=load, map_location=map_location)]
+
+
+def attach_checkpointing(
+    trainer,
+    ckpt_dir: str | os.PathLike,
+    objects: dict,
+    interval: int,
+    ema=None,
+    n_saved: int = 2,
+) -> dict:
+    """Resume ``trainer`` from the newest loadable checkpoint in ckpt_dir and save every ``interval``
+    iterations (plus ``final.pt``); returns the checkpointed objects.
+
+    objects: e.g. {"network": ..., "optimizer": ...}; the trainer (iteration/epoch counters) and,
+    with an ignite ``EMAHandler``, its EMA weights are added here: a config cannot reference the
+    trainer from inside the trainer's own handler list. Networks are saved DDP-unwrapped; only
+    the main process writes.
+    """
+    objects = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in objects.items()}
+    objects["trainer"] = trainer
+    if ema is not None:
+        objects["ema_network"] = ema.ema_model
+    for handler in resume_handlers(ckpt_dir, objects):
+        handler.attach(trainer)
+    if is_main_process():
+        os.makedirs(ckpt_dir, exist_ok=True)
+        CheckpointSaver(
+            save_dir=str(ckpt_dir), save_dict=objects, epoch_level=False, save_interval=interval,
+            n_saved=n_saved, save_final=True, final_filename=FINAL_CHECKPOINT,
+        ).attach(trainer)
+    return objects

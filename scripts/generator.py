@@ -1,0 +1,151 @@
+"""The implant generator: a defective skull on an isotropic cube grid -> implant ensemble.
+
+The diffusion sampler completes the skull's surface points (``num_samples`` members in one batch),
+the SAP network predicts oriented points for every member and DPSR solves for the indicator at the
+cube's full resolution -> complete skull -> implant (subtract, clean); ensemble statistics (majority
+vote, probability, variance) on the model grid. Mapping back to the input grid and writing the
+results are the inference config's postprocessing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import Inferer
+
+from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
+from scripts.implant import postprocess_ensemble
+from scripts.io import mask3d
+from scripts.networks.dpsr import DPSR, voxel_to_unit
+
+__all__ = ["ImplantGenerator"]
+
+
+class ImplantGenerator(Inferer):
+    """Diffusion completion + SAP voxelization of one defective skull on an isotropic grid: the
+    inference config's ``inferer``.
+
+    Args:
+        denoiser: ``model(x (B, 3, N), t (B,)) -> eps (B, 3, N)``.
+        voxelizer: :class:`~scripts.networks.sap.SAPVoxelizer`.
+        diffusion: :class:`~scripts.diffusion.process.ConditionalDiffusion`.
+        num_condition, num_target: points given / generated (the denoiser's preset).
+        sampler, steps: sampler name and network calls (``steps`` ignored by "ddpm").
+        eta: DDIM's noise scale (0: deterministic DDIM; 1: fresh noise at every step); the other
+            samplers ignore it (their noise is fixed by the method), and it is recorded as 0 for them.
+        num_samples: ensemble members, sampled in one batch.
+        seed: seeds surface sampling, condition draw and sampler noise.
+        surface_points: Poisson-disk points drawn on the defective skull before the condition draw.
+        margin: voxels of padding around the volume inside the periodic DPSR cube.
+        max_distance_vox: implant voxels farther than this from the generated points are dropped.
+        dilate: dilations of each complete-skull mask (the reference dilates once at 0.4 mm voxels;
+            at coarser grids one voxel is a lot of bone, so the small preset uses 0).
+    """
+
+    def __init__(
+        self,
+        denoiser: torch.nn.Module,
+        voxelizer: torch.nn.Module,
+        diffusion,
+        num_condition: int,
+        num_target: int,
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        eta: float = 0.0,
+        num_samples: int = 1,
+        seed: int = 0,
+        surface_points: int | None = None,
+        margin: int = 8,
+        max_distance_vox: float = 10.0,
+        dilate: int = 1,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.device = torch.device(device)
+        self.denoiser = denoiser.to(self.device).eval()
+        self.voxelizer = voxelizer.to(self.device).eval()
+        self.diffusion = diffusion
+        self.num_condition, self.num_target = int(num_condition), int(num_target)
+        self.sampler, self.steps = sampler, (None if sampler == "ddpm" else steps)
+        self.eta = float(eta) if sampler == "ddim" else 0.0
+        self.num_samples, self.seed = int(num_samples), int(seed)
+        self.surface_points = int(surface_points or 4 * num_condition)
+        self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
+        self.progress = progress
+
+    def condition_points(self, defective: np.ndarray) -> np.ndarray:
+        """Defective mask (X, Y, Z) -> the condition: num_condition surface points (Nc, 3), voxel coords."""
+        surface = mask_to_surface_points(defective, self.surface_points, seed=self.seed)
+        rng = np.random.default_rng(self.seed)
+        return surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)]
+
+    @torch.no_grad()
+    def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Defective mask (X, Y, Z) -> completed clouds (K, N, 3) voxel coords and the generated
+        part (K, num_target, 3); the condition is the first num_condition points of each cloud."""
+        condition = torch.from_numpy(self.condition_points(defective)).to(self.device)
+        center, scale = normalization_params(condition)
+        cond = normalize_points(condition, center, scale).T.unsqueeze(0)  # (1, 3, Nc)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        clouds = self.diffusion.sample_ensemble(
+            self.denoiser, cond, self.num_samples, self.num_target, sampler=self.sampler, steps=self.steps,
+            eta=self.eta, generator=generator, progress=self.progress,
+        )
+        clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
+        return clouds, clouds[:, self.num_condition :]
+
+    @torch.no_grad()
+    def indicators(self, clouds: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+        """Completed clouds (K, N, 3) in voxel coords of a cube of side max(shape) -> indicator
+        grids (K, s, s, s) at full resolution (inside < 0), one member at a time to bound memory."""
+        side = max(shape)
+        dpsr = DPSR(side, sigma=self.voxelizer.config["sigma"])
+        grids = []
+        for cloud in clouds:
+            unit = voxel_to_unit(torch.from_numpy(cloud).float(), shape).clamp(0.0, (side - 1) / side)
+            points, normals = self.voxelizer.oriented_points(unit[None].to(self.device), res=side)
+            grids.append(dpsr(points, normals)[0].cpu())
+        return torch.stack(grids)
+
+    def __call__(self, inputs, network: torch.nn.Module | None = None) -> dict:
+        """Defective mask on an isotropic cube grid ((X, Y, Z) or (1, X, Y, Z), numpy or torch) -> dict with
+        "completes" (K, X, Y, Z) bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool,
+        "probability"/"variance" float32 (None for K = 1), "points" (K, N, 3), "timings" (s) and
+        "settings" (sampler, steps, eta, network calls, ... for the case summary).
+
+        ``network`` is there for MONAI's Inferer interface: an evaluator passes its network, which
+        must be this generator's denoiser.
+        """
+        if network is not None and network is not self.denoiser:
+            raise ValueError("ImplantGenerator: the evaluator's network must be the generator's denoiser")
+        defective = mask3d(inputs, "defective skull")
+        timings = {}
+        start = time.perf_counter()
+        clouds, generated = self.complete_points(defective)
+        timings["diffusion"] = time.perf_counter() - start
+        start = time.perf_counter()
+        grids = self.indicators(clouds, defective.shape)
+        timings["voxelization"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
+        timings["postprocessing"] = time.perf_counter() - start
+        return {**result, "points": clouds, "timings": timings, "settings": self.settings()}
+
+    def settings(self) -> dict:
+        """The sampling settings of the last run, as the case summary reports them."""
+        return {
+            "num_samples": self.num_samples,
+            "sampler": self.sampler,
+            "steps": self.steps if self.sampler != "ddpm" else self.diffusion.num_timesteps,
+            "eta": self.eta,
+            "network_calls": self.diffusion.last_model_calls,
+            "seed": self.seed,
+            "device": str(self.device),
+        }

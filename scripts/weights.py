@@ -1,0 +1,75 @@
+"""Weights files: a network's state dict together with the recipe it was trained with.
+
+A weights file (``models/model.pt`` for the denoiser, ``models/model_voxelizer.pt`` for the voxelizer)
+is a dict ``{"network": state_dict, "recipe": {...}}``. The recipe is the training config's ``recipe``
+entry (recipe name, preset, point counts and, for the denoiser, prediction type and x0 clipping) plus
+the bundle version that wrote the file. Training checkpoints keep their state dict under the same key
+(``network``, or ``ema_network`` for the EMA weights), so MONAI's tools read both kinds of file with
+``key_in_ckpt="network"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from scripts.io import atomic_write
+
+__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_recipe", "check_recipe", "load_weights"]
+
+STATE_KEY = "network"
+RECIPE_KEY = "recipe"
+
+
+def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, overwrite: bool = False) -> Path:
+    """Write ``{"network": state_dict, "recipe": recipe}`` to ``path`` atomically (tensors on the CPU)."""
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: torch.save({STATE_KEY: state, RECIPE_KEY: dict(recipe)}, tmp), overwrite)
+
+
+def _load(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_recipe(path: str | os.PathLike) -> dict | None:
+    """The recipe stored in a weights file, or None (a bare state dict or a training checkpoint)."""
+    stored = _load(path)
+    return stored.get(RECIPE_KEY) if isinstance(stored, dict) else None
+
+
+def check_recipe(stored: Mapping | None, expected: Mapping, path: str | os.PathLike) -> None:
+    """Raise ValueError naming ``path`` and the first key where ``stored`` differs from ``expected``."""
+    if stored is None:
+        raise ValueError(f"{path}: the file carries no training recipe; turn the checkpoint into a weights file "
+                         "with `python -m tools.export_weights <checkpoint> <out> --config <training config(s)>`")
+    for key, value in expected.items():
+        if key not in stored or stored[key] != value:
+            found = repr(stored[key]) if key in stored else "nothing"
+            raise ValueError(f"{path}: recipe mismatch for '{key}': the weights were trained with {found} "
+                             f"(recipe {stored.get('name')!r}), the config expects {value!r}")
+
+
+def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = STATE_KEY,
+                 recipe: Mapping | None = None) -> torch.nn.Module:
+    """Load the ``key`` state dict of a weights file or training checkpoint (or a bare state dict) into network.
+
+    With ``recipe`` the file's recipe must agree with it on every key (see :func:`check_recipe`).
+    Raises FileNotFoundError / ValueError naming the file when it is missing or does not fit.
+    """
+    stored = _load(path)
+    if recipe is not None:
+        check_recipe(stored.get(RECIPE_KEY) if isinstance(stored, dict) else None, recipe, path)
+    state = stored[key] if isinstance(stored, dict) and isinstance(stored.get(key), dict) else stored
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"weights in {path} do not match the {type(network).__name__} network (wrong preset?): {err}"
+        ) from err
+    return network
