@@ -28,7 +28,7 @@ under the model path (``-m`` / ``HOLOSCAN_MODEL_PATH``) when the bundle folder i
 app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
-        [--preset small] [--num_samples 1] [--sampler dpmpp_2m] [--steps 20] [--eta 0] [--seed 0] [--device cpu]
+        [--preset small] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
         [--input_type auto|mask|ct] [--bone_threshold_hu 150]
         [--denoiser_weights FILE] [--voxelizer_weights FILE]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]

@@ -352,7 +352,7 @@ class RequireImplantd(MapTransform):
     (in the reference mask's voxel spacing) raises ValueError ("no defect found") naming the ``name_key``
     file; the voxel count goes to ``<key>_voxels``."""
 
-    def __init__(self, keys: KeysCollection = "implant", reference_key: str = "skull", min_implant_ml: float = 1.0,
+    def __init__(self, keys: KeysCollection = "implant", reference_key: str = "skull", min_implant_ml: float = 2.0,
                  name_key: str = "input") -> None:
         super().__init__(keys)
         self.reference_key, self.min_implant_ml, self.name_key = reference_key, float(min_implant_ml), name_key
