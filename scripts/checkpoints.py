@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 _CKPT_ITERATION = re.compile(r"iteration=(\d+)\.pt$")
 FINAL_CHECKPOINT = "final.pt"
+KEPT_FOLDER = "kept"  # <ckpt_dir>/kept/: checkpoints kept for good (learning curves); never resumed from
 OPTIONAL_CHECKPOINT_OBJECTS = {"lr_scheduler"}  # may be missing from checkpoints of older bundle versions
 
 
@@ -86,9 +87,12 @@ def attach_checkpointing(
     interval: int,
     ema=None,
     n_saved: int = 2,
+    keep_interval: int | None = None,
 ) -> dict:
     """Resume ``trainer`` from the newest loadable checkpoint in ckpt_dir and save every ``interval``
-    iterations (plus ``final.pt``); returns the checkpointed objects.
+    iterations (plus ``final.pt``); returns the checkpointed objects. Only the newest ``n_saved``
+    numbered checkpoints stay; with ``keep_interval``, every ``keep_interval`` iterations a copy also
+    goes to ``<ckpt_dir>/kept/`` and is never deleted (``tools.learning_curve`` scores those).
 
     objects: e.g. {"network": ..., "optimizer": ...}; the trainer (iteration/epoch counters) and,
     with an ignite ``EMAHandler``, its EMA weights are added here: a config cannot reference the
@@ -107,4 +111,9 @@ def attach_checkpointing(
             save_dir=str(ckpt_dir), save_dict=objects, epoch_level=False, save_interval=interval,
             n_saved=n_saved, save_final=True, final_filename=FINAL_CHECKPOINT,
         ).attach(trainer)
+        if keep_interval:
+            CheckpointSaver(
+                save_dir=str(Path(ckpt_dir) / KEPT_FOLDER), save_dict=objects, epoch_level=False,
+                save_interval=keep_interval, n_saved=None,
+            ).attach(trainer)
     return objects

@@ -144,6 +144,30 @@ def test_resume_from_a_checkpoint_without_lr_scheduler(tmp_path, caplog):
         attach_checkpointing(Engine(step(net, opt)), tmp_path, {"network": net, "optimizer": opt}, interval=4)
 
 
+def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
+    """keep_interval: every n iterations a checkpoint also goes to <ckpt_dir>/kept/ for good, while
+    the rolling checkpoints keep only the newest two; resuming reads ckpt_dir itself."""
+    from ignite.engine import Engine
+
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), 1e-2)
+
+    def update(engine, batch):
+        opt.zero_grad()
+        (net(batch) ** 2).mean().backward()
+        opt.step()
+
+    engine = Engine(update)
+    attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt}, interval=2, keep_interval=3)
+    engine.run([torch.ones(2, 3)] * 9, max_epochs=1)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint_iteration=6.pt", "checkpoint_iteration=8.pt", "final.pt"]
+    kept = checkpoint_files(tmp_path / "kept")
+    assert [p.name for p in kept] == [f"checkpoint_iteration={i}.pt" for i in (3, 6, 9)]
+    assert [torch.load(p, weights_only=False)["trainer"]["iteration"] for p in kept] == [3, 6, 9]
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "final.pt")
+
+
 def _iterations_logged(log: str) -> int:
     return len(re.findall(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log))
 

@@ -1,14 +1,15 @@
 """Learning curve of a denoiser training run: held-out DSC and Chamfer against CPU-hours.
 
-For every kept checkpoint ``<run_dir>/kept/<iteration>.pt`` (training checkpoints, copied out of the
-run's ``checkpoints/`` folder while it trains: MONAI's saver keeps only the last two), the EMA
-weights run the bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases
+For every kept checkpoint in ``<ckpt_dir>/kept/`` (written by a training run with ``--keep_interval N``:
+MONAI's saver keeps only the last two numbered checkpoints in ``ckpt_dir``), the EMA weights run the bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases
 of the quality study and are scored with ``configs/evaluate.json``; the Chamfer distance is the
 run's own ``val_chamfer`` (TensorBoard) at the same iteration. CPU-hours are iterations x
 ``seconds_per_iteration`` (default: the 0.3.0 recipe's measured rate on one core, see docs/training.md), because wall time on
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 
+    python -m monai.bundle run --config_file "['configs/train_diffusion.json','configs/recipes/denoiser_small.json']" \
+        --output_dir runs/denoiser_small --keep_interval 300
     python -m tools.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
     python -m tools.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
 """
@@ -19,8 +20,10 @@ import json
 from pathlib import Path
 
 import fire
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from scripts.checkpoints import KEPT_FOLDER, checkpoint_files
 from scripts.evaluate import evaluate_predictions
 from scripts.io import atomic_write
 from tools.export_weights import export_weights
@@ -41,17 +44,18 @@ def val_chamfer(run_dir: str | Path) -> dict[int, float]:
 
 def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, iterations_per_epoch: int = 15,
          seconds_per_iteration: float = 1.08, every: int = 600, setting: str = "DDIM-50",
-         start_iterations: int = 0, config: str | tuple = RECIPE) -> str:
+         start_iterations: int = 0, config: str | tuple = RECIPE, ckpt_dir: str | None = None) -> str:
     """Score the kept checkpoints of ``run_dir`` whose iteration is a multiple of ``every``.
 
     ``start_iterations``: iterations already in the run's ``init_weights`` (a warm start), counted
-    into its CPU-hours. ``config``: the run's training config(s), for the weights files' recipe."""
+    into its CPU-hours. ``config``: the run's training config(s), for the weights files' recipe.
+    ``ckpt_dir``: the run's checkpoint folder, if not ``<run_dir>/checkpoints``."""
     cases = held_out_cases(dataset_dir, num_cases)
     chamfer_by_epoch = val_chamfer(run_dir)
-    kept = sorted(Path(run_dir, "kept").glob("*.pt"), key=lambda p: int(p.stem))
+    kept = {int(torch.load(p, map_location="cpu", weights_only=False, mmap=True)["trainer"]["iteration"]): p
+            for p in checkpoint_files(Path(ckpt_dir or Path(run_dir) / "checkpoints") / KEPT_FOLDER)}
     rows = []
-    for checkpoint in (p for p in kept if int(p.stem) % every == 0):
-        iteration = int(checkpoint.stem)
+    for iteration, checkpoint in sorted((i, p) for i, p in kept.items() if i % every == 0):
         folder = Path(output_dir) / f"iteration_{iteration}"
         weights = export_weights(checkpoint, folder / "denoiser.pt", config, key="ema_network", overwrite=True)
         _run("inference.json", cases, folder, denoiser_weights=str(weights), stl=False, preview=False,
