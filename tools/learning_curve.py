@@ -1,9 +1,10 @@
 """Learning curve of a denoiser training run: held-out DSC and Chamfer against CPU-hours.
 
 For every kept checkpoint in ``<ckpt_dir>/kept/`` (written by a training run with ``--keep_interval N``:
-MONAI's saver keeps only the last two numbered checkpoints in ``ckpt_dir``), the EMA weights run the bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases
-of the quality study and are scored with ``configs/evaluate.json``; the Chamfer distance is the
-run's own ``val_chamfer`` (TensorBoard) at the same iteration. CPU-hours are iterations x
+MONAI's saver keeps only the last two numbered checkpoints in ``ckpt_dir``), the EMA weights run the
+bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases of the quality
+study and are scored with ``configs/evaluate.json``; the Chamfer distance is the run's own
+``val_chamfer`` (TensorBoard) at the checkpoint's epoch (both read from its trainer state). CPU-hours are iterations x
 ``seconds_per_iteration`` (default: the 0.3.0 recipe's measured rate on one core, see docs/training.md), because wall time on
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
@@ -42,9 +43,9 @@ def val_chamfer(run_dir: str | Path) -> dict[int, float]:
     return values
 
 
-def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, iterations_per_epoch: int = 15,
-         seconds_per_iteration: float = 1.08, every: int = 600, setting: str = "DDIM-50",
-         start_iterations: int = 0, config: str | tuple = RECIPE, ckpt_dir: str | None = None) -> str:
+def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, seconds_per_iteration: float = 1.08,
+         every: int = 600, setting: str = "DDIM-50", start_iterations: int = 0, config: str | tuple = RECIPE,
+         ckpt_dir: str | None = None) -> str:
     """Score the kept checkpoints of ``run_dir`` whose iteration is a multiple of ``every``.
 
     ``start_iterations``: iterations already in the run's ``init_weights`` (a warm start), counted
@@ -52,10 +53,12 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
     ``ckpt_dir``: the run's checkpoint folder, if not ``<run_dir>/checkpoints``."""
     cases = held_out_cases(dataset_dir, num_cases)
     chamfer_by_epoch = val_chamfer(run_dir)
-    kept = {int(torch.load(p, map_location="cpu", weights_only=False, mmap=True)["trainer"]["iteration"]): p
-            for p in checkpoint_files(Path(ckpt_dir or Path(run_dir) / "checkpoints") / KEPT_FOLDER)}
     rows = []
-    for iteration, checkpoint in sorted((i, p) for i, p in kept.items() if i % every == 0):
+    for checkpoint in checkpoint_files(Path(ckpt_dir or Path(run_dir) / "checkpoints") / KEPT_FOLDER):
+        trainer = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["trainer"]
+        iteration = int(trainer["iteration"])
+        if iteration % every:
+            continue
         folder = Path(output_dir) / f"iteration_{iteration}"
         weights = export_weights(checkpoint, folder / "denoiser.pt", config, key="ema_network", overwrite=True)
         _run("inference.json", cases, folder, denoiser_weights=str(weights), stl=False, preview=False,
@@ -64,7 +67,7 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
         mean = {k: v["mean"] for k, v in report["metrics"].items()}
         rows.append({"iteration": iteration, "cpu_hours": (start_iterations + iteration) * seconds_per_iteration / 3600,
                      "dsc": mean["dsc"], "bdsc": mean["bdsc"], "hd95_mm": mean["hd95"],
-                     "val_chamfer": chamfer_by_epoch.get(iteration // iterations_per_epoch)})
+                     "val_chamfer": chamfer_by_epoch.get(iteration // int(trainer["epoch_length"]))})
         print(rows[-1], flush=True)
     atomic_write(Path(output_dir) / "curve.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)),
                  overwrite=True)
