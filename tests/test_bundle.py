@@ -28,7 +28,7 @@ def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 
-TRAIN_BASE = "train.json"
+TRAIN_BASE = "train_base.json"
 TRAINERS = ["train_diffusion.json", "train_voxelizer.json"]  # layers on TRAIN_BASE
 OVERLAYS = {"multi_gpu_train.json": TRAINERS,  # go on top of TRAIN_BASE + a trainer layer
             "recipes/denoiser_small.json": ["train_diffusion.json"],
@@ -55,7 +55,7 @@ def test_config_files_parse(configs):
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_trainer_layers_add_to_the_train_base_and_restate_nothing(trainer):
-    """A trainer layer holds only what differs from configs/train.json: every key it sets that the base
+    """A trainer layer holds only what differs from configs/train_base.json: every key it sets that the base
     has gets another value there, and its `+imports` are not imported by the base already."""
     base = json.loads((CONFIGS / TRAIN_BASE).read_text())
     base_parser = ConfigParser(base)

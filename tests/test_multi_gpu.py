@@ -42,7 +42,7 @@ def dataset_dir(tmp_path_factory):
 
 
 def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
-    """Run train.json + train_<name>.json + multi_gpu_train.json on 2 CPU processes; returns the combined log."""
+    """Run train_base.json + train_<name>.json + multi_gpu_train.json on 2 CPU processes; returns the combined log."""
     check = out.parent / f"hash_{name}.json"  # test-only override: write the weight hashes, then finalize as usual
     finalize = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())["finalize"]
     check.write_text(json.dumps({"+imports": ["$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))

@@ -1,4 +1,4 @@
-"""End-to-end tests of the diffusion trainer (configs/train.json + configs/train_diffusion.json): training, EMA,
+"""End-to-end tests of the diffusion trainer (configs/train_base.json + configs/train_diffusion.json): training, EMA,
 validation, resume after SIGKILL."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from scripts.diffusion.chamfer import chamfer_distance
 from scripts.checkpoints import attach_checkpointing, checkpoint_files, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ["configs/train.json", "configs/train_diffusion.json"]
+CONFIG = ["configs/train_base.json", "configs/train_diffusion.json"]
 TINY = dict(preset="tiny", surface_points=2000, batch_size=2, learning_rate=0.002, log_interval=1)
 
 
