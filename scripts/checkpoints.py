@@ -96,12 +96,14 @@ def attach_checkpointing(
 
     objects: e.g. {"network": ..., "optimizer": ...}; the trainer (iteration/epoch counters) and,
     with an ignite ``EMAHandler``, its EMA weights are added here: a config cannot reference the
-    trainer from inside the trainer's own handler list. Networks are saved DDP-unwrapped; only
-    the main process writes.
+    trainer from inside the trainer's own handler list. ``ema`` is attached to the trainer here,
+    before the savers, so that every checkpoint holds the EMA weights of its own iteration.
+    Networks are saved DDP-unwrapped; only the main process writes.
     """
     objects = {k: unwrap(v) if isinstance(v, torch.nn.Module) else v for k, v in objects.items()}
     objects["trainer"] = trainer
     if ema is not None:
+        ema.attach(trainer)
         objects["ema_network"] = ema.ema_model
     for handler in resume_handlers(ckpt_dir, objects):
         handler.attach(trainer)

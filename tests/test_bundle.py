@@ -28,25 +28,41 @@ def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
         verify_metadata(meta_file=str(bad), filepath=str(SCHEMA))
 
 
-OVERLAYS = {"multi_gpu_train.json": ["train_diffusion.json", "train_voxelizer.json"],
+TRAIN_BASE = "train_base.json"
+TRAINERS = ["train_diffusion.json", "train_voxelizer.json"]  # layers on TRAIN_BASE
+OVERLAYS = {"multi_gpu_train.json": TRAINERS,  # go on top of TRAIN_BASE + a trainer layer
             "recipes/denoiser_small.json": ["train_diffusion.json"],
             "recipes/voxelizer_small.json": ["train_voxelizer.json"]}
-CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in OVERLAYS] + [
-    [base, overlay] for overlay, bases in OVERLAYS.items() for base in bases]
+CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in [TRAIN_BASE, *TRAINERS, *OVERLAYS]] + [
+    [TRAIN_BASE, trainer] for trainer in TRAINERS] + [
+    [TRAIN_BASE, trainer, overlay] for overlay, trainers in OVERLAYS.items() for trainer in trainers]
 
 
 @pytest.mark.parametrize("configs", CONFIG_RUNS, ids="+".join)
 def test_config_files_parse(configs):
-    """Every bundle config is valid JSON that MONAI's ConfigParser reads; overlays (multi-GPU, recipes)
-    are read merged on top of the configs they overlay, as users run them, and change only keys those have."""
+    """Every bundle config is valid JSON that MONAI's ConfigParser reads; the trainer layers are read on
+    the train base, and overlays (multi-GPU, recipes) on top of those, as users run them; an overlay
+    changes only keys that are there already (at the top level)."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / c) for c in configs])
     assert isinstance(parser.get(), dict)
-    if len(configs) > 1:
+    if len(configs) > 2:
         base = ConfigParser()
-        base.read_config(str(CONFIGS / configs[0]))
-        overlay = json.loads((CONFIGS / configs[1]).read_text())
+        base.read_config([str(CONFIGS / c) for c in configs[:-1]])
+        overlay = json.loads((CONFIGS / configs[-1]).read_text())
         assert all(key.split("#")[0] in base.get() for key in overlay), sorted(set(overlay) - set(base.get()))
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_layers_add_to_the_train_base_and_restate_nothing(trainer):
+    """A trainer layer holds only what differs from configs/train_base.json: every key it sets that the base
+    has gets another value there, and its `+imports` are not imported by the base already."""
+    base = json.loads((CONFIGS / TRAIN_BASE).read_text())
+    base_parser = ConfigParser(base)
+    layer = json.loads((CONFIGS / trainer).read_text())
+    assert set(layer.pop("+imports")).isdisjoint(base["imports"])
+    restated = [key for key, value in layer.items() if key in base_parser and base_parser[key] == value]
+    assert restated == []
 
 
 def test_overlays_cover_every_config_they_name():
@@ -71,8 +87,8 @@ def test_shipped_recipes_are_what_inference_expects():
     infer = ConfigParser()
     infer.read_config(str(CONFIGS / "inference.json"))
     for recipe, expected in (("denoiser_small", "denoiser_recipe"), ("voxelizer_small", "voxelizer_recipe")):
-        base = "train_diffusion.json" if recipe.startswith("denoiser") else "train_voxelizer.json"
-        trained = training_recipe([str(CONFIGS / base), str(CONFIGS / "recipes" / f"{recipe}.json")])
+        trainer = "train_diffusion.json" if recipe.startswith("denoiser") else "train_voxelizer.json"
+        trained = training_recipe([str(CONFIGS / f) for f in (TRAIN_BASE, trainer, f"recipes/{recipe}.json")])
         wanted = infer.get_parsed_content(expected)
         assert trained["name"] == recipe and {k: trained[k] for k in wanted} == wanted
 

@@ -68,7 +68,7 @@ def test_use_ema_in_the_training_config_reads_words(value, enabled):
 
     root = Path(__file__).resolve().parents[1]
     parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "train_diffusion.json"))
+    parser.read_config([str(root / "configs" / "train_base.json"), str(root / "configs" / "train_diffusion.json")])
     parser.update({"bundle_root": str(root), "use_ema": value})
     if enabled is None:
         with pytest.raises(RuntimeError) as err:

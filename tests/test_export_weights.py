@@ -14,7 +14,7 @@ from scripts.weights import load_weights, read_recipe
 from tools.export_weights import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = [str(ROOT / "configs" / "train_diffusion.json"), str(ROOT / "configs" / "recipes" / "denoiser_small.json")]
+RECIPE = [str(ROOT / "configs" / f) for f in ("train_base.json", "train_diffusion.json", "recipes/denoiser_small.json")]
 
 
 def test_exported_ema_weights_load_into_the_network(tmp_path):

@@ -42,12 +42,11 @@ def dataset_dir(tmp_path_factory):
 
 
 def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
-    """Run train_<name>.json + multi_gpu_train_<name>.json on 2 CPU processes; returns the combined log."""
+    """Run train_base.json + train_<name>.json + multi_gpu_train.json on 2 CPU processes; returns the combined log."""
     check = out.parent / f"hash_{name}.json"  # test-only override: write the weight hashes, then finalize as usual
-    imports = json.loads((ROOT / f"configs/train_{name}.json").read_text())["imports"]
-    finalize = json.loads((ROOT / f"configs/multi_gpu_train.json").read_text())["finalize"]
-    check.write_text(json.dumps({"imports": [*imports, "$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))
-    configs = f"['configs/train_{name}.json','configs/multi_gpu_train.json','{check}']"
+    finalize = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())["finalize"]
+    check.write_text(json.dumps({"+imports": ["$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))
+    configs = f"['configs/train.json','configs/train_{name}.json','configs/multi_gpu_train.json','{check}']"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(dataset_dir),

@@ -1,4 +1,5 @@
-"""End-to-end tests of configs/train_diffusion.json: training, EMA, validation, resume after SIGKILL."""
+"""End-to-end tests of the diffusion trainer (configs/train_base.json + configs/train_diffusion.json): training, EMA,
+validation, resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from scripts.diffusion.chamfer import chamfer_distance
 from scripts.checkpoints import attach_checkpointing, checkpoint_files, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/train_diffusion.json"
+CONFIG = ["configs/train_base.json", "configs/train_diffusion.json"]
 TINY = dict(preset="tiny", surface_points=2000, batch_size=2, learning_rate=0.002, log_interval=1)
 
 
@@ -176,7 +177,7 @@ def _iterations_logged(log: str) -> int:
 def test_resume_after_sigkill_skips_truncated_checkpoint(dataset_dir, tmp_path):
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "--config_file", CONFIG, "--dataset_dir", str(dataset_dir),
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIG), "--dataset_dir", str(dataset_dir),
         "--output_dir", str(out), "--max_epochs", "6", "--epoch_length", "4", "--ckpt_interval", "2", "--val_interval", "100",
         *[f"--{k}={v}" for k, v in TINY.items()],
     ]
@@ -219,7 +220,7 @@ def test_recipe_overlay_builds_the_shipped_recipe_and_warm_starts_from_init_weig
     torch.nn.init.constant_(start.head[-1].bias, 0.25)
     torch.save(start.state_dict(), tmp_path / "start.pt")
     workflow = ConfigWorkflow(
-        config_file=[str(ROOT / CONFIG), str(ROOT / "configs" / "recipes" / "denoiser_small.json")],
+        config_file=[*(str(ROOT / c) for c in CONFIG), str(ROOT / "configs" / "recipes" / "denoiser_small.json")],
         workflow_type="train", dataset_dir=str(dataset_dir), output_dir=str(tmp_path / "run"),
         init_weights=str(tmp_path / "start.pt"), device="cpu",
     )

@@ -1,4 +1,5 @@
-"""End-to-end tests of configs/train_voxelizer.json on small synthetic skulls (tiny preset)."""
+"""End-to-end tests of the voxelizer trainer (configs/train_base.json + configs/train_voxelizer.json) on small
+synthetic skulls (tiny preset)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from scripts.weights import load_weights
 from scripts.io import load_mask
 from scripts.networks.sap import SAPVoxelizer
 
-CONFIG = "configs/train_voxelizer.json"
+CONFIG = ["configs/train_base.json", "configs/train_voxelizer.json"]
 SIZE, MARGIN = 48, 8  # cube side 48 + 2 * 8 = 64 = DPSR resolution: the mask is compared voxel for voxel
 
 

@@ -9,7 +9,7 @@ study and are scored with ``configs/evaluate.json``; the Chamfer distance is the
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 
-    python -m monai.bundle run --config_file "['configs/train_diffusion.json','configs/recipes/denoiser_small.json']" \
+    python -m monai.bundle run --config_file "['configs/train_base.json','configs/train_diffusion.json','configs/recipes/denoiser_small.json']" \
         --output_dir runs/denoiser_small --keep_interval 300
     python -m tools.learning_curve score runs/denoiser_small --dataset_dir data/synth128 --output_dir runs/curve_scratch
     python -m tools.learning_curve plot "{'new recipe': 'runs/curve_scratch/curve.json'}" docs/images/learning_curve.png
@@ -30,7 +30,7 @@ from scripts.io import atomic_write
 from tools.export_weights import export_weights
 from tools.quality_study import SETTINGS, _run, held_out_cases
 
-RECIPE = ("configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
+RECIPE = ("configs/train_base.json", "configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
 
 
 def val_chamfer(run_dir: str | Path) -> dict[int, float]:
