@@ -18,7 +18,7 @@ import torch
 
 from scripts.io import atomic_write
 
-__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_recipe", "check_recipe", "load_weights"]
+__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "read_recipe", "check_recipe", "load_weights"]
 
 STATE_KEY = "network"
 RECIPE_KEY = "recipe"
@@ -30,7 +30,8 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, 
     return atomic_write(path, lambda tmp: torch.save({STATE_KEY: state, RECIPE_KEY: dict(recipe)}, tmp), overwrite)
 
 
-def _load(path: str | os.PathLike) -> dict:
+def read_weights_file(path: str | os.PathLike) -> dict:
+    """The stored object of a weights file, training checkpoint or bare state dict (on the CPU)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -39,7 +40,7 @@ def _load(path: str | os.PathLike) -> dict:
 
 def read_recipe(path: str | os.PathLike) -> dict | None:
     """The recipe stored in a weights file, or None (a bare state dict or a training checkpoint)."""
-    stored = _load(path)
+    stored = read_weights_file(path)
     return stored.get(RECIPE_KEY) if isinstance(stored, dict) else None
 
 
@@ -62,7 +63,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = S
     With ``recipe`` the file's recipe must agree with it on every key (see :func:`check_recipe`).
     Raises FileNotFoundError / ValueError naming the file when it is missing or does not fit.
     """
-    stored = _load(path)
+    stored = read_weights_file(path)
     if recipe is not None:
         check_recipe(stored.get(RECIPE_KEY) if isinstance(stored, dict) else None, recipe, path)
     state = stored[key] if isinstance(stored, dict) and isinstance(stored.get(key), dict) else stored
