@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> inference.json overrides (explicit, so the table does not change with the config's defaults)
 SETTINGS = {
     "DDPM-1000": {"sampler": "ddpm", "steps": 1000},
+    "DDIM-1": {"sampler": "ddim", "steps": 1, "eta": 0.0},
+    "DDIM-4": {"sampler": "ddim", "steps": 4, "eta": 0.0},
+    "DDIM-6": {"sampler": "ddim", "steps": 6, "eta": 0.0},
+    "DDIM-8": {"sampler": "ddim", "steps": 8, "eta": 0.0},
     "DDIM-10": {"sampler": "ddim", "steps": 10, "eta": 0.0},
+    "DDIM-15": {"sampler": "ddim", "steps": 15, "eta": 0.0},
     "DDIM-25": {"sampler": "ddim", "steps": 25, "eta": 0.0},
     "DDIM-50": {"sampler": "ddim", "steps": 50, "eta": 0.0},
     "DPM++2M-10": {"sampler": "dpmpp_2m", "steps": 10},

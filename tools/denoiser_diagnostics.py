@@ -1,0 +1,92 @@
+"""Where a denoiser's error comes from, on the quality study's held-out cases (docs/training.md).
+
+``per_timestep``: noise the true implant points to timestep t (OT-paired noise, as in training) and
+compare the network's x0 estimate with the true points, next to the estimate that needs no network,
+x_t / sqrt(abar) (RMS distance, voxels). ``points``: sample the implant points as inference does and
+measure them against the true implant surface (median / 90th percentile distance to the truth, the
+share of "strays" more than 5 voxels off, and the coverage of the truth by the samples).
+
+    python -m tools.denoiser_diagnostics per_timestep --dataset_dir data/synth128
+    python -m tools.denoiser_diagnostics points --dataset_dir data/synth128 --steps 10 \
+        --denoiser_weights runs/v.pt --prediction_type v_prediction
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from scripts.cases import case_datalist
+from scripts.data.points import mask_to_surface_points, normalization_params, normalize_points
+from scripts.data.resample import pad_to_cube
+from scripts.diffusion.pairing import pair_noise
+from scripts.diffusion.samplers import data_prediction
+from scripts.io import load_mask
+from tools.quality_study import _workflow, held_out_cases
+
+STRAY_VOXELS = 5.0
+
+
+def _cases(dataset_dir: str, num_cases: int, num_truth_points: int | None, **overrides) -> Iterator[tuple]:
+    """(generator, defective cube mask, true implant surface points (M, 3) voxel coords) per held-out case;
+    ``overrides`` go to configs/inference.json. M = the generator's num_target unless given."""
+    workflow = _workflow("inference.json", progress=False, **overrides)
+    generator, preprocessing = (workflow.parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
+    cases = held_out_cases(dataset_dir, num_cases)
+    for case, entry in zip(cases, case_datalist(cases)):
+        defective = np.asarray(preprocessing(entry)["image"][0]) > 0
+        implant = np.asarray(pad_to_cube(load_mask(case["implant"]), defective.shape[0])[0]) > 0
+        truth = mask_to_surface_points(implant, num_truth_points or generator.num_target, seed=0)
+        yield generator, defective, truth
+
+
+def per_timestep(dataset_dir: str, num_cases: int = 10, timesteps: Sequence[int] = (5, 20, 50, 100, 200, 300, 500, 700, 900, 999),
+                 seed: int = 0, **overrides) -> dict:
+    """{t: [network RMS, no-network RMS]} in voxels, averaged over cases (one noise draw per case and t)."""
+    rms = {int(t): [] for t in timesteps}
+    noise_gen = torch.Generator().manual_seed(seed)
+    for generator, defective, truth in _cases(dataset_dir, num_cases, None, **overrides):
+        diffusion, nc = generator.diffusion, generator.num_condition
+        condition = torch.from_numpy(generator.condition_points(defective))
+        center, scale = normalization_params(condition)
+        x0 = torch.cat([normalize_points(condition, center, scale),
+                        normalize_points(torch.from_numpy(truth), center, scale)]).T[None].float()  # (1, 3, N)
+        target = x0[:, :, nc:]
+        for t in rms:
+            noise = pair_noise(torch.randn(target.shape, generator=noise_gen), target, "ot")
+            xt = diffusion.q_sample(x0, torch.tensor([t]), noise, nc)
+            with torch.no_grad():
+                out = generator.denoiser(xt, torch.tensor([t]))[:, :, nc:]
+            abar = float(diffusion.alphas_cumprod[t])
+            estimate = data_prediction(out, xt[:, :, nc:], abar**0.5, (1 - abar) ** 0.5, diffusion.prediction_type)
+            no_network = xt[:, :, nc:] / abar**0.5
+            rms[t].append([float(((e - target) ** 2).sum(1).mean().sqrt() * scale) for e in (estimate, no_network)])
+    result = {t: np.mean(v, axis=0).round(2).tolist() for t, v in rms.items()}
+    print(json.dumps(result))
+    return result
+
+
+def points(dataset_dir: str, num_cases: int = 10, num_truth_points: int = 3000, **overrides) -> dict:
+    """Mean over cases of the sampled implant points' distance to the truth (voxels): median, p90,
+    max, stray share (> 5 voxels), and coverage (truth -> nearest sample) median and p90."""
+    rows = []
+    for generator, defective, truth in _cases(dataset_dir, num_cases, num_truth_points, **overrides):
+        _, generated = generator.complete_points(defective)
+        off = cKDTree(truth).query(generated[0])[0]
+        cover = cKDTree(generated[0]).query(truth)[0]
+        rows.append([np.median(off), np.percentile(off, 90), off.max(), (off > STRAY_VOXELS).mean(),
+                     np.median(cover), np.percentile(cover, 90)])
+    names = ("median", "p90", "max", "strays", "coverage_median", "coverage_p90")
+    result = dict(zip(names, np.mean(rows, axis=0).round(3).tolist()))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"per_timestep": per_timestep, "points": points})
