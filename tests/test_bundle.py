@@ -2,6 +2,7 @@
 inference properties, one version everywhere."""
 
 import ast
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,11 +12,16 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SCHEMA = CONFIGS / "schema" / "meta_schema.json"
+SCHEMA = CONFIGS / "schema" / "meta_schema_20240725.json"
+# SHA-256 of the official file (MONAI-extra-test-data release 0.8.1, the URL in metadata.json["schema"])
+SCHEMA_SHA256 = "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"
 
 
 def test_verify_metadata_offline():
-    """MONAI's verify_metadata uses the shipped schema (no download) and accepts metadata.json."""
+    """MONAI's verify_metadata uses the shipped schema (no download) and accepts metadata.json; the
+    schema is the official file, unmodified, and the one metadata.json names."""
+    assert hashlib.sha256(SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256
+    assert json.loads((CONFIGS / "metadata.json").read_text())["schema"].endswith("/" + SCHEMA.name)
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
 
 
