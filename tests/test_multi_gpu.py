@@ -46,7 +46,7 @@ def torchrun(name: str, dataset_dir, out: Path, *args: str) -> str:
     check = out.parent / f"hash_{name}.json"  # test-only override: write the weight hashes, then finalize as usual
     finalize = json.loads((ROOT / "configs" / "multi_gpu_train.json").read_text())["finalize"]
     check.write_text(json.dumps({"+imports": ["$import hashlib", "$import pathlib"], "finalize": [HASH_EXPR, *finalize]}))
-    configs = f"['configs/train.json','configs/train_{name}.json','configs/multi_gpu_train.json','{check}']"
+    configs = f"['configs/train_base.json','configs/train_{name}.json','configs/multi_gpu_train.json','{check}']"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "--config_file", configs, "--dataset_dir", str(dataset_dir),
