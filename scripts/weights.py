@@ -18,7 +18,7 @@ import torch
 
 from scripts.io import atomic_write
 
-__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "read_recipe", "check_recipe", "load_weights"]
+__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "recipe_of", "read_recipe", "check_recipe", "load_weights"]
 
 STATE_KEY = "network"
 RECIPE_KEY = "recipe"
@@ -31,17 +31,25 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, 
 
 
 def read_weights_file(path: str | os.PathLike) -> dict:
-    """The stored object of a weights file, training checkpoint or bare state dict (on the CPU)."""
+    """The stored object of a weights file, training checkpoint or bare state dict (on the CPU).
+    Raises FileNotFoundError / ValueError naming the file when it is missing or cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch's errors for a cut-short or foreign file do not name it
+        raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): {err}") from err
+
+
+def recipe_of(stored) -> dict | None:
+    """The recipe in an object read by :func:`read_weights_file`, or None (bare state dict, checkpoint)."""
+    return stored.get(RECIPE_KEY) if isinstance(stored, dict) else None
 
 
 def read_recipe(path: str | os.PathLike) -> dict | None:
     """The recipe stored in a weights file, or None (a bare state dict or a training checkpoint)."""
-    stored = read_weights_file(path)
-    return stored.get(RECIPE_KEY) if isinstance(stored, dict) else None
+    return recipe_of(read_weights_file(path))
 
 
 def check_recipe(stored: Mapping | None, expected: Mapping, path: str | os.PathLike) -> None:
@@ -65,7 +73,7 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = S
     """
     stored = read_weights_file(path)
     if recipe is not None:
-        check_recipe(stored.get(RECIPE_KEY) if isinstance(stored, dict) else None, recipe, path)
+        check_recipe(recipe_of(stored), recipe, path)
     state = stored[key] if isinstance(stored, dict) and isinstance(stored.get(key), dict) else stored
     try:
         network.load_state_dict(state)

@@ -54,6 +54,20 @@ def test_a_weights_file_without_recipe_is_refused_when_a_recipe_is_asked_for(tmp
         load_weights(PVCNN2Denoiser("tiny"), bare, recipe={"preset": "tiny"})
 
 
+def test_a_cut_short_or_foreign_weights_file_is_named_in_the_error(tmp_path):
+    good = tmp_path / "good.pt"
+    save_weights(good, PVCNN2Denoiser("tiny").state_dict(), {"preset": "tiny"})
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights")
+    for bad in (cut, text):
+        with pytest.raises(ValueError, match=rf"{bad.name}: cannot read the weights file \(corrupt or not a torch file\)"):
+            load_weights(PVCNN2Denoiser("tiny"), bad)
+    with pytest.raises(FileNotFoundError, match="weights file not found: .*missing.pt"):
+        load_weights(PVCNN2Denoiser("tiny"), tmp_path / "missing.pt")
+
+
 def test_monai_bundle_load_reads_the_shipped_weights(tmp_path):
     """``monai.bundle.load`` of a local bundle copy: models/model.pt into the inference config's
     network_def, with key_in_ckpt="network" (the command docs/README.md gives)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.weights import save_weights
+from scripts.weights import read_weights_file, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike,
     Raises KeyError naming the checkpoint and its keys when ``key`` is not there, FileExistsError
     when ``out`` exists and not ``overwrite``.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = read_weights_file(checkpoint)
     if not isinstance(state, dict) or not isinstance(state.get(key), dict):
         if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
             raise KeyError(f"{checkpoint}: is a bare state dict; export the training checkpoint it came from")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from scripts.weights import RECIPE_KEY, STATE_KEY, read_weights_file, save_weights
+from scripts.weights import STATE_KEY, read_weights_file, recipe_of, save_weights
 
 HEAD = "head.2"  # the denoiser's last layer: Conv1d(hidden, 3, 1) of PVCNN2Denoiser.head
 
@@ -26,7 +26,7 @@ def x0_to_v(weights: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     """Write ``weights`` (an x0-prediction weights file) with its last layer negated and its recipe's
     prediction type set to ``v_prediction`` to ``out``, atomically."""
     stored = read_weights_file(weights)
-    recipe = stored.get(RECIPE_KEY) if isinstance(stored, dict) else None
+    recipe = recipe_of(stored)
     if recipe is None or recipe.get("prediction_type") != "sample":
         found = None if recipe is None else recipe.get("prediction_type")
         raise ValueError(f"{weights}: needs an x0-prediction ('sample') weights file with a recipe, got {found!r}")
