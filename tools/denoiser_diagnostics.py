@@ -21,12 +21,10 @@ import torch
 from scipy.spatial import cKDTree
 
 from scripts.cases import case_datalist
-from scripts.data.points import mask_to_surface_points, normalization_params, normalize_points
-from scripts.data.resample import pad_to_cube
+from scripts.data.points import normalization_params, normalize_points
 from scripts.diffusion.pairing import pair_noise
 from scripts.diffusion.samplers import data_prediction
-from scripts.io import load_mask
-from tools.quality_study import _workflow, held_out_cases
+from tools.quality_study import _workflow, held_out_cases, true_implant_points
 
 STRAY_VOXELS = 5.0
 
@@ -39,8 +37,7 @@ def _cases(dataset_dir: str, num_cases: int, num_truth_points: int | None, **ove
     cases = held_out_cases(dataset_dir, num_cases)
     for case, entry in zip(cases, case_datalist(cases)):
         defective = np.asarray(preprocessing(entry)["image"][0]) > 0
-        implant = np.asarray(pad_to_cube(load_mask(case["implant"]), defective.shape[0])[0]) > 0
-        truth = mask_to_surface_points(implant, num_truth_points or generator.num_target, seed=0)
+        truth = true_implant_points(case["implant"], defective.shape[0], num_truth_points or generator.num_target)
         yield generator, defective, truth
 
 

@@ -58,6 +58,16 @@ TRUE_POINTS = "True implant points"
 UNET = "U-Net baseline"
 
 
+def true_implant_points(implant_file: str | os.PathLike, side: int, num_points: int, seed: int = 0) -> np.ndarray:
+    """(num_points, 3) Poisson-disk points on the true implant's surface (an isotropic mask on the
+    defective skull's grid), in voxel coords of the side^3 cube the skull is padded to for inference."""
+    implant = load_mask(implant_file)
+    if not is_isotropic(implant):
+        raise ValueError(f"{implant_file}: the true-points setting needs isotropic masks")
+    cube = np.asarray(pad_to_cube(implant, side)[0]) > 0
+    return mask_to_surface_points(cube, num_points, seed=seed)
+
+
 class TruePointsGenerator(ImplantGenerator):
     """:class:`ImplantGenerator` whose "generated" points are num_target Poisson-disk points on the
     true implant's surface (file ``truth``, set before each case; isotropic, on the defective skull's
@@ -67,11 +77,7 @@ class TruePointsGenerator(ImplantGenerator):
 
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective cube mask (X, Y, Z) -> clouds (K, N, 3) and their implant part (K, num_target, 3), voxel coords."""
-        implant = load_mask(self.truth)
-        if not is_isotropic(implant):
-            raise ValueError(f"{self.truth}: the true-points setting needs isotropic masks")
-        cube = np.asarray(pad_to_cube(implant, defective.shape[0])[0]) > 0
-        target = mask_to_surface_points(cube, self.num_target, seed=self.seed)
+        target = true_implant_points(self.truth, defective.shape[0], self.num_target, self.seed)
         cloud = np.concatenate([self.condition_points(defective), target])
         clouds = np.repeat(cloud[None].astype(np.float32), self.num_samples, axis=0)
         self.diffusion.last_model_calls = 0
