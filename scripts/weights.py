@@ -18,7 +18,8 @@ import torch
 
 from scripts.io import atomic_write
 
-__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "recipe_of", "read_recipe", "check_recipe", "load_weights"]
+__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "recipe_of", "read_recipe", "check_recipe",
+           "load_weights"]
 
 STATE_KEY = "network"
 RECIPE_KEY = "recipe"
