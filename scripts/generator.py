@@ -1,10 +1,10 @@
 """The implant generator: a defective skull on an isotropic cube grid -> implant ensemble.
 
-The diffusion sampler completes the skull's surface points (``num_samples`` members in one batch),
-the SAP network predicts oriented points for every member and DPSR solves for the indicator at the
-cube's full resolution -> complete skull -> implant (subtract, clean); ensemble statistics (majority
-vote, probability, variance) on the model grid. Mapping back to the input grid and writing the
-results are the inference config's postprocessing.
+The diffusion sampler completes the skull's surface points (``num_samples`` members in one batch, each
+with its own draw of the points), the SAP network predicts oriented points for every member and DPSR
+solves for the indicator at the cube's full resolution -> complete skull -> implant (subtract, clean);
+ensemble statistics (majority vote, probability, variance) on the model grid. Mapping back to the
+input grid and writing the results are the inference config's postprocessing.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class ImplantGenerator(Inferer):
         eta: DDIM's noise scale (0: deterministic DDIM; 1: fresh noise at every step); the other
             samplers ignore it (their noise is fixed by the method), and it is recorded as 0 for them.
         num_samples: ensemble members, sampled in one batch.
-        seed: seeds surface sampling, condition draw and sampler noise.
+        seed: seeds surface sampling, condition draw and sampler noise (member k draws its condition
+            with seed + k).
         surface_points: Poisson-disk points drawn on the defective skull before the condition draw.
         margin: voxels of padding around the volume inside the periodic DPSR cube.
         max_distance_vox: implant voxels farther than this from the generated points are dropped.
@@ -81,22 +82,30 @@ class ImplantGenerator(Inferer):
         self.progress = progress
 
     def condition_points(self, defective: np.ndarray) -> np.ndarray:
-        """Defective mask (X, Y, Z) -> the condition: num_condition surface points (Nc, 3), voxel coords."""
-        surface = mask_to_surface_points(defective, self.surface_points, seed=self.seed)
-        rng = np.random.default_rng(self.seed)
-        return surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)]
+        """Defective mask (X, Y, Z) -> each member's condition (K, Nc, 3), voxel coords: member k draws
+        ``surface_points`` Poisson-disk points with seed ``seed + k`` and keeps a random num_condition.
+
+        Own draws make the members differ in what they see of the skull, not only in their noise
+        (docs/benchmarks.md has the 5-member vote with own and with shared draws).
+        """
+        draws = []
+        for seed in range(self.seed, self.seed + self.num_samples):
+            surface = mask_to_surface_points(defective, self.surface_points, seed=seed)
+            rng = np.random.default_rng(seed)
+            draws.append(surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)])
+        return np.stack(draws)
 
     @torch.no_grad()
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective mask (X, Y, Z) -> completed clouds (K, N, 3) voxel coords and the generated
-        part (K, num_target, 3); the condition is the first num_condition points of each cloud."""
-        condition = torch.from_numpy(self.condition_points(defective)).to(self.device)
-        center, scale = normalization_params(condition)
-        cond = normalize_points(condition, center, scale).T.unsqueeze(0)  # (1, 3, Nc)
+        part (K, num_target, 3); member k's condition is the first num_condition points of cloud k.
+        Each member is normalised by its own condition; all are sampled in one batch."""
+        conditions = torch.from_numpy(self.condition_points(defective)).to(self.device)  # (K, Nc, 3)
+        center, scale = normalization_params(conditions)  # (K, 3), (K,)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        clouds = self.diffusion.sample_ensemble(
-            self.denoiser, cond, self.num_samples, self.num_target, sampler=self.sampler, steps=self.steps,
-            eta=self.eta, generator=generator, progress=self.progress,
+        clouds = self.diffusion.sample(
+            self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2), self.num_target,
+            sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generator, progress=self.progress,
         )
         clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
         return clouds, clouds[:, self.num_condition :]

@@ -31,3 +31,5 @@ def test_points_distances_of_sampled_implant_points(dataset_dir):
     assert 0 < result["median"] <= result["p90"] <= result["max"]
     assert 0 <= result["strays"] <= 1 and 0 < result["coverage_median"] <= result["coverage_p90"]
     assert result["median"] < 10  # the samples land near the defect, not anywhere in the 64^3 cube
+    assert result["radial_offset_abs"] == pytest.approx(abs(result["radial_offset"]))  # one case
+    assert result["radial_offset_abs"] < 10

@@ -291,3 +291,39 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
     implant, truth = load_mask(tmp_path / "defective_skull" / "implant.nrrd"), load_mask(TRUTH)
     assert summary["network_calls"] == 0
     assert dice(implant[0] > 0, truth[0] > 0) > 0.85
+
+
+def test_true_points_noise_moves_each_implant_point_by_the_set_amount():
+    """The study's "True implant points + N voxel noise" settings: the same true points, each moved by
+    seeded Gaussian noise of N voxels per axis (the condition points stay as they are)."""
+    parser = _parser(**{"inferer#_target_": "tools.quality_study.TruePointsGenerator"})
+    generator, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
+    defective = np.asarray(preprocessing(case_datalist([SAMPLE])[0])["image"][0]) > 0
+    generator.truth = str(TRUTH)
+    clean_clouds, clean = generator.complete_points(defective)
+    generator.noise_vox = 2.0
+    noisy_clouds, noisy = generator.complete_points(defective)
+    offset = noisy - clean
+    assert offset.shape == (1, generator.num_target, 3)
+    assert offset.std() == pytest.approx(2.0, rel=0.1)
+    assert abs(offset.mean()) < 0.2
+    np.testing.assert_array_equal(noisy_clouds[:, : generator.num_condition], clean_clouds[:, : generator.num_condition])
+    np.testing.assert_array_equal(generator.complete_points(defective)[1], noisy)  # seeded
+
+
+def test_ensemble_members_complete_their_own_condition_draw():
+    """Each member sees its own random draw of the skull's surface points: member 0's is the single-sample
+    condition, the others differ from it, the same seed gives the same draws, and every completed cloud
+    starts with its member's condition."""
+    parser = _parser(num_samples=3, steps=4)
+    ensemble, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
+    defective = np.asarray(preprocessing(case_datalist([SAMPLE])[0])["image"][0]) > 0
+    draws = ensemble.condition_points(defective)
+    nc = ensemble.num_condition
+    assert draws.shape == (3, nc, 3)
+    np.testing.assert_array_equal(draws[0], _generator().condition_points(defective)[0])
+    assert not np.array_equal(draws[1], draws[0]) and not np.array_equal(draws[2], draws[1])
+    np.testing.assert_array_equal(ensemble.condition_points(defective), draws)
+    clouds, generated = ensemble.complete_points(defective)
+    assert clouds.shape == (3, nc + ensemble.num_target, 3) and generated.shape == (3, ensemble.num_target, 3)
+    np.testing.assert_allclose(clouds[:, :nc], draws, atol=1e-3)

@@ -123,22 +123,6 @@ def test_timestep_spacings():
     assert logsnr[0] == 999 and len(logsnr) == 10 and logsnr == sorted(logsnr, reverse=True) and logsnr[-1] < 10
 
 
-def test_ensemble_members_differ_and_share_condition(untrained):
-    diff, net, condition = untrained
-    one = condition[0]
-    out = diff.sample_ensemble(net, one, 4, NT, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (4, 3, NC + NT)
-    assert all(torch.equal(member[:, :NC], one) for member in out)
-    generated = out[:, :, NC:].reshape(4, -1)
-    assert torch.cdist(generated, generated).add(torch.eye(4)).min() > 0
-    same = diff.sample_ensemble(
-        net, one[None], 4, NT, sampler="ddim", steps=5, generator=torch.Generator().manual_seed(0)
-    )
-    assert torch.equal(out, same)
-    with pytest.raises(ValueError, match=r"\(1, 3, Nc\)"):
-        diff.sample_ensemble(net, condition, 4, NT)
-
-
 def test_progress_bar(untrained, capsys):
     diff, net, condition = untrained
     diff.sample(net, condition, NT, sampler="dpmpp_2m", steps=3, progress=True)

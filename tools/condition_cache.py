@@ -19,7 +19,8 @@ class CachedConditionGenerator(ImplantGenerator):
     """:class:`ImplantGenerator` that reads its condition points from ``condition_cache`` (.npz).
 
     Entries are keyed by a digest of the defective mask and the sampling settings (seed,
-    ``num_condition``, ``surface_points``); a missing entry is computed as usual (Open3D) and added.
+    ``num_condition``, ``surface_points``, ``num_samples``); a missing entry is computed as usual
+    (Open3D) and added.
     Everything else, diffusion to post-processing, is the bundle's own code.
     """
 
@@ -28,8 +29,8 @@ class CachedConditionGenerator(ImplantGenerator):
         self.condition_cache = Path(condition_cache)
 
     def condition_points(self, defective: np.ndarray) -> np.ndarray:
-        """Defective mask (X, Y, Z) -> condition (Nc, 3) voxel coords, from the cache if it holds them."""
-        settings = repr((defective.shape, self.seed, self.num_condition, self.surface_points)).encode()
+        """Defective mask (X, Y, Z) -> the members' conditions (K, Nc, 3) voxel coords, from the cache if it holds them."""
+        settings = repr((defective.shape, self.seed, self.num_condition, self.surface_points, self.num_samples)).encode()
         key = hashlib.sha256(np.packbits(defective).tobytes() + settings).hexdigest()
         cache = dict(np.load(self.condition_cache)) if self.condition_cache.is_file() else {}
         if key not in cache:

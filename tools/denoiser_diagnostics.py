@@ -48,7 +48,7 @@ def per_timestep(dataset_dir: str, num_cases: int = 10, timesteps: Sequence[int]
     noise_gen = torch.Generator().manual_seed(seed)
     for generator, defective, truth in _cases(dataset_dir, num_cases, None, **overrides):
         diffusion, nc = generator.diffusion, generator.num_condition
-        condition = torch.from_numpy(generator.condition_points(defective))
+        condition = torch.from_numpy(generator.condition_points(defective)[0])
         center, scale = normalization_params(condition)
         x0 = torch.cat([normalize_points(condition, center, scale),
                         normalize_points(torch.from_numpy(truth), center, scale)]).T[None].float()  # (1, 3, N)
@@ -69,15 +69,19 @@ def per_timestep(dataset_dir: str, num_cases: int = 10, timesteps: Sequence[int]
 
 def points(dataset_dir: str, num_cases: int = 10, num_truth_points: int = 3000, **overrides) -> dict:
     """Mean over cases of the sampled implant points' distance to the truth (voxels): median, p90,
-    max, stray share (> 5 voxels), and coverage (truth -> nearest sample) median and p90."""
+    max, stray share (> 5 voxels), coverage (truth -> nearest sample) median and p90, and the
+    radial offset: mean distance of the samples from the condition's centre minus that of the true
+    points (a whole implant placed too far out > 0, too far in < 0), signed and absolute."""
     rows = []
     for generator, defective, truth in _cases(dataset_dir, num_cases, num_truth_points, **overrides):
-        _, generated = generator.complete_points(defective)
+        clouds, generated = generator.complete_points(defective)
         off = cKDTree(truth).query(generated[0])[0]
         cover = cKDTree(generated[0]).query(truth)[0]
+        centre = clouds[0, : generator.num_condition].mean(axis=0)
+        radial = np.linalg.norm(generated[0] - centre, axis=1).mean() - np.linalg.norm(truth - centre, axis=1).mean()
         rows.append([np.median(off), np.percentile(off, 90), off.max(), (off > STRAY_VOXELS).mean(),
-                     np.median(cover), np.percentile(cover, 90)])
-    names = ("median", "p90", "max", "strays", "coverage_median", "coverage_p90")
+                     np.median(cover), np.percentile(cover, 90), radial, abs(radial)])
+    names = ("median", "p90", "max", "strays", "coverage_median", "coverage_p90", "radial_offset", "radial_offset_abs")
     result = dict(zip(names, np.mean(rows, axis=0).round(3).tolist()))
     print(json.dumps(result))
     return result

@@ -6,7 +6,7 @@ implants with ``configs/evaluate.json`` (:func:`scripts.evaluate.evaluate_predic
 whose ``summary.json`` exists already is scored without running inference again, so an
 interrupted study resumes. Prints a markdown table and writes ``<output_dir>/study.json``.
 
-The ``TRUE_POINTS`` setting replaces the diffusion model by points drawn on the true implant's
+The ``TRUE_POINT_SETTINGS`` replace the diffusion model by points drawn on the true implant's
 surface (same number, same condition, voxelizer and post-processing): the score a perfect denoiser
 would get, which separates the two networks' shares of the error.
 
@@ -55,6 +55,9 @@ SETTINGS = {
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
 TRUE_POINTS = "True implant points"
+# name -> Gaussian noise (voxels per axis) added to the true implant points: how much point noise the
+# voxelizer and post-processing tolerate
+TRUE_POINT_SETTINGS = {TRUE_POINTS: 0.0, "True implant points + 1 voxel noise": 1.0, "True implant points + 2 voxels noise": 2.0}
 UNET = "U-Net baseline"
 
 
@@ -71,15 +74,19 @@ def true_implant_points(implant_file: str | os.PathLike, side: int, num_points: 
 class TruePointsGenerator(ImplantGenerator):
     """:class:`ImplantGenerator` whose "generated" points are num_target Poisson-disk points on the
     true implant's surface (file ``truth``, set before each case; isotropic, on the defective skull's
-    grid) instead of diffusion samples. Every member gets the same cloud."""
+    grid) instead of diffusion samples, moved by Gaussian noise of ``noise_vox`` voxels per axis
+    (seeded). Every member gets the same implant points with its own condition draw."""
 
     truth: str | None = None
+    noise_vox: float = 0.0
 
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective cube mask (X, Y, Z) -> clouds (K, N, 3) and their implant part (K, num_target, 3), voxel coords."""
         target = true_implant_points(self.truth, defective.shape[0], self.num_target, self.seed)
-        cloud = np.concatenate([self.condition_points(defective), target])
-        clouds = np.repeat(cloud[None].astype(np.float32), self.num_samples, axis=0)
+        target = target + np.random.default_rng(self.seed).normal(0.0, self.noise_vox, target.shape)
+        conditions = self.condition_points(defective)  # (K, Nc, 3)
+        clouds = np.concatenate([conditions, np.broadcast_to(target, (len(conditions), *target.shape))], axis=1)
+        clouds = clouds.astype(np.float32)
         self.diffusion.last_model_calls = 0
         return clouds, clouds[:, self.num_condition :]
 
@@ -113,8 +120,8 @@ def _run(config: str, cases: list[dict], out: Path, **overrides) -> list[dict]:
     return written["cases"] if isinstance(written, dict) else written  # inference.json's report / the U-Net's list
 
 
-def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:
-    """The TRUE_POINTS setting: configs/inference.json with :class:`TruePointsGenerator`, case by case."""
+def _run_true_points(cases: list[dict], out: Path, noise_vox: float = 0.0, **overrides) -> list[dict]:
+    """A TRUE_POINT_SETTINGS setting: configs/inference.json with :class:`TruePointsGenerator`, case by case."""
     summary = out / "summary.json"
     if not summary.is_file():
         workflow = _workflow("inference.json", output_dir=str(out), stl=False, preview=False,
@@ -122,6 +129,7 @@ def _run_true_points(cases: list[dict], out: Path, **overrides) -> list[dict]:
         generator, preprocessing, postprocessing = (workflow.parser.get_parsed_content(k) for k in
                                                     ("inferer", "preprocessing", "postprocessing"))
         summaries = []
+        generator.noise_vox = noise_vox
         for case, entry in zip(cases, case_datalist(cases)):
             generator.truth = case["implant"]
             summaries.append(predict_case(entry, preprocessing, generator, postprocessing))
@@ -151,22 +159,22 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
          unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0, **overrides) -> str:
-    """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINTS (default: all
+    """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINT_SETTINGS (default: all
     SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
     configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
     configs/inference.json (e.g. preset)."""
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
-    unknown = [n for n in names if n not in SETTINGS and n != TRUE_POINTS]
+    unknown = [n for n in names if n not in SETTINGS and n not in TRUE_POINT_SETTINGS]
     if unknown:
-        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS) + [TRUE_POINTS]}")
+        raise ValueError(f"unknown settings {unknown}; choose from {list(SETTINGS) + list(TRUE_POINT_SETTINGS)}")
     out = Path(output_dir)
     rows = []
     for name in names:
         folder = out / name.replace("+", "p").replace(" ", "_")
         start = time.perf_counter()
-        if name == TRUE_POINTS:
-            summaries = _run_true_points(cases, folder, progress=False, seed=seed, **overrides)
+        if name in TRUE_POINT_SETTINGS:
+            summaries = _run_true_points(cases, folder, TRUE_POINT_SETTINGS[name], progress=False, seed=seed, **overrides)
             setting = {"num_samples": 1, "steps": 0}
         else:
             setting = {"num_samples": 1, **SETTINGS[name]}

@@ -195,16 +195,3 @@ class ConditionalDiffusion:
             x = dpmpp_2m_loop(model_fn, x, self.alphas_cumprod, steps, spacing, progress, self.clip_x0, self.prediction_type)
         self.last_model_calls = calls
         return torch.cat([condition, x], dim=2)
-
-    def sample_ensemble(self, model, condition: torch.Tensor, n: int, num_target: int, **kwargs) -> torch.Tensor:
-        """n completions of one case in one batch: condition (1, 3, Nc) or (3, Nc) -> (n, 3, Nc + num_target).
-
-        kwargs go to ``sample``.
-        """
-        if condition.ndim == 2:
-            condition = condition.unsqueeze(0)
-        if condition.ndim != 3 or condition.shape[0] != 1:
-            raise ValueError(f"condition must have shape (1, 3, Nc) or (3, Nc), got {tuple(condition.shape)}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        return self.sample(model, condition.expand(n, -1, -1), num_target, **kwargs)
