@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from scripts.data.synthetic import generate_skullbreak
-from tools.denoiser_diagnostics import per_timestep, points
+from tools.denoiser_diagnostics import per_timestep, points, trajectory
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +33,12 @@ def test_points_distances_of_sampled_implant_points(dataset_dir):
     assert result["median"] < 10  # the samples land near the defect, not anywhere in the 64^3 cube
     assert result["radial_offset_abs"] == pytest.approx(abs(result["radial_offset"]))  # one case
     assert result["radial_offset_abs"] < 10
+
+
+@pytest.mark.slow
+def test_trajectory_scores_every_sampler_step(dataset_dir):
+    result = trajectory(str(dataset_dir), num_cases=1, steps=4)
+    assert list(result) == [999, 749, 499, 249]  # DDIM-4, trailing spacing: one row per network call
+    radial, chamfer = np.array(list(result.values())).T
+    assert np.all(radial >= 0) and np.all(np.isfinite(chamfer))
+    assert np.all(chamfer > 0) and chamfer[-1] < 10  # the last estimate lies on the implant, not anywhere in 64^3

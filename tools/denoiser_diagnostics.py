@@ -5,10 +5,13 @@ compare the network's x0 estimate with the true points, next to the estimate tha
 x_t / sqrt(abar) (RMS distance, voxels). ``points``: sample the implant points as inference does and
 measure them against the true implant surface (median / 90th percentile distance to the truth, the
 share of "strays" more than 5 voxels off, and the coverage of the truth by the samples).
+``trajectory``: sample as inference does and score the x0 estimate of every sampler step against the
+true implant points (radial offset and Chamfer distance, voxels): at which step the shape is decided.
 
     python -m tools.denoiser_diagnostics per_timestep --dataset_dir data/synth128
     python -m tools.denoiser_diagnostics points --dataset_dir data/synth128 --steps 10 \
         --denoiser_weights runs/v.pt --prediction_type v_prediction
+    python -m tools.denoiser_diagnostics trajectory --dataset_dir data/synth128 --num_cases 20 --steps 10
 """
 
 from __future__ import annotations
@@ -67,6 +70,12 @@ def per_timestep(dataset_dir: str, num_cases: int = 10, timesteps: Sequence[int]
     return result
 
 
+def _radial_offset(points: np.ndarray, truth: np.ndarray, centre: np.ndarray) -> float:
+    """Mean distance of ``points`` (M, 3) from ``centre`` (3,) minus that of ``truth`` (T, 3):
+    > 0 when a whole implant sits too far out, < 0 too far in."""
+    return float(np.linalg.norm(points - centre, axis=1).mean() - np.linalg.norm(truth - centre, axis=1).mean())
+
+
 def points(dataset_dir: str, num_cases: int = 10, num_truth_points: int = 3000, **overrides) -> dict:
     """Mean over cases of the sampled implant points' distance to the truth (voxels): median, p90,
     max, stray share (> 5 voxels), coverage (truth -> nearest sample) median and p90, and the
@@ -77,8 +86,7 @@ def points(dataset_dir: str, num_cases: int = 10, num_truth_points: int = 3000, 
         clouds, generated = generator.complete_points(defective)
         off = cKDTree(truth).query(generated[0])[0]
         cover = cKDTree(generated[0]).query(truth)[0]
-        centre = clouds[0, : generator.num_condition].mean(axis=0)
-        radial = np.linalg.norm(generated[0] - centre, axis=1).mean() - np.linalg.norm(truth - centre, axis=1).mean()
+        radial = _radial_offset(generated[0], truth, clouds[0, : generator.num_condition].mean(axis=0))
         rows.append([np.median(off), np.percentile(off, 90), off.max(), (off > STRAY_VOXELS).mean(),
                      np.median(cover), np.percentile(cover, 90), radial, abs(radial)])
     names = ("median", "p90", "max", "strays", "coverage_median", "coverage_p90", "radial_offset", "radial_offset_abs")
@@ -87,7 +95,48 @@ def points(dataset_dir: str, num_cases: int = 10, num_truth_points: int = 3000, 
     return result
 
 
+class _Recorder(torch.nn.Module):
+    """Wraps a denoiser and keeps every call's (x (B, 3, N), t (B,), output (B, 3, N))."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        super().__init__()
+        self.denoiser, self.calls = denoiser, []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.denoiser(x, t)
+        self.calls.append((x, t, out))
+        return out
+
+
+def trajectory(dataset_dir: str, num_cases: int = 10, **overrides) -> dict:
+    """{t: [mean |radial offset|, mean Chamfer]} in voxels over cases, for the x0 estimate of each
+    sampler step (member 0), scored against the true implant points (the generator's num_target)."""
+    rows = []
+    for generator, defective, truth in _cases(dataset_dir, num_cases, None, **overrides):
+        recorder = _Recorder(generator.denoiser)
+        generator.denoiser = recorder
+        try:
+            clouds, _ = generator.complete_points(defective)
+        finally:
+            generator.denoiser = recorder.denoiser
+        nc, diffusion = generator.num_condition, generator.diffusion
+        condition = clouds[0, :nc]
+        center, scale = (v[0].numpy() for v in normalization_params(torch.from_numpy(condition)[None]))
+        tree, row = cKDTree(truth), []
+        for x, t, out in recorder.calls:
+            abar = float(diffusion.alphas_cumprod[int(t[0])])
+            estimate = data_prediction(out[:1, :, nc:], x[:1, :, nc:], abar**0.5, (1 - abar) ** 0.5, diffusion.prediction_type)
+            estimate = estimate[0].T.numpy() * scale + center
+            chamfer = tree.query(estimate)[0].mean() + cKDTree(estimate).query(truth)[0].mean()
+            row.append((int(t[0]), abs(_radial_offset(estimate, truth, condition.mean(axis=0))), chamfer))
+        rows.append(row)
+    steps = np.array(rows)  # (cases, steps, 3)
+    result = {int(t): v.round(2).tolist() for t, v in zip(steps[0, :, 0], steps[:, :, 1:].mean(axis=0))}
+    print(json.dumps(result))
+    return result
+
+
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"per_timestep": per_timestep, "points": points})
+    fire.Fire({"per_timestep": per_timestep, "points": points, "trajectory": trajectory})

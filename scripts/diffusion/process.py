@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from scripts.diffusion.chamfer import chamfer_distance
 from scripts.diffusion.pairing import PAIRINGS, pair_noise
-from scripts.diffusion.samplers import PREDICTION_TYPES, ddim_loop, ddpm_loop, dpmpp_2m_loop
+from scripts.diffusion.samplers import PREDICTION_TYPES, data_prediction, ddim_loop, ddpm_loop, dpmpp_2m_loop
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -41,6 +42,10 @@ class ConditionalDiffusion:
             (Hang et al. 2023: each sample's loss weighted so that it equals the x0 error
             weighted by min(SNR(t), snr_gamma)).
         snr_gamma: the clamp of "min_snr" (5 in Hang et al.).
+        shape_loss_weight: weight of an added set-level loss, the squared Chamfer distance between
+            the x0 estimate of the generated points and the true ones (0: none, as the paper). It
+            scores the predicted shape whatever the point order, where the MSE scores each point
+            against its paired target.
 
     The model is any callable ``model(x (B, 3, N), t (B,) long) -> out (B, 3, N)``.
     ``last_model_calls`` holds the number of network calls of the latest ``sample`` call.
@@ -56,6 +61,7 @@ class ConditionalDiffusion:
         pairing: str = "independent",
         loss_weighting: str = "uniform",
         snr_gamma: float = 5.0,
+        shape_loss_weight: float = 0.0,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -65,11 +71,14 @@ class ConditionalDiffusion:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
         if snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+        if shape_loss_weight < 0:
+            raise ValueError(f"shape_loss_weight must be >= 0, got {shape_loss_weight}")
         self.clip_x0 = clip_x0
         self.prediction_type = prediction_type
         self.pairing = pairing
         self.loss_weighting = loss_weighting
         self.snr_gamma = snr_gamma
+        self.shape_loss_weight = shape_loss_weight
         common = dict(
             num_train_timesteps=num_train_timesteps,
             schedule="linear_beta",
@@ -122,7 +131,8 @@ class ConditionalDiffusion:
     def training_loss(
         self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Weighted MSE of the prediction (noise, x0 or v) on the generated points; t ~ U{0..T-1} per sample.
+        """Weighted MSE of the prediction (noise, x0 or v) on the generated points, plus
+        ``shape_loss_weight`` x the squared Chamfer distance of the implied x0; t ~ U{0..T-1} per sample.
 
         x0: (B, 3, N) clean cloud, condition first. The noise is paired with the target points as
         set by ``pairing``. Returns a scalar.
@@ -135,7 +145,8 @@ class ConditionalDiffusion:
         target = x0[:, :, num_condition:]
         noise = torch.randn(target.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         noise = pair_noise(noise, target, self.pairing)
-        out = model(self.q_sample(x0, t, noise, num_condition), t)[:, :, num_condition:]
+        noisy = self.q_sample(x0, t, noise, num_condition)
+        out = model(noisy, t)[:, :, num_condition:]
         if self.prediction_type == "sample":
             goal = target
         elif self.prediction_type == "v_prediction":
@@ -143,7 +154,13 @@ class ConditionalDiffusion:
         else:
             goal = noise
         per_sample = (out - goal).pow(2).mean(dim=(1, 2))
-        return (per_sample * self.loss_weights(t)).mean()
+        loss = (per_sample * self.loss_weights(t)).mean()
+        if self.shape_loss_weight > 0:
+            alpha_bar = self.alphas_cumprod.to(x0.device)[t].view(b, 1, 1)
+            x0_hat = data_prediction(out, noisy[:, :, num_condition:], alpha_bar.sqrt(), (1 - alpha_bar).sqrt(),
+                                     self.prediction_type)
+            loss = loss + self.shape_loss_weight * chamfer_distance(x0_hat.transpose(1, 2), target.transpose(1, 2)).mean()
+        return loss
 
     @torch.no_grad()
     def sample(
