@@ -24,7 +24,8 @@ import torch
 from scipy.spatial import cKDTree
 
 from scripts.cases import case_datalist
-from scripts.data.points import normalization_params, normalize_points
+from scripts.data.points import denormalize_points, normalization_params, normalize_points
+from scripts.diffusion.chamfer import chamfer_distance
 from scripts.diffusion.pairing import pair_noise
 from scripts.diffusion.samplers import data_prediction
 from tools.quality_study import _workflow, held_out_cases, true_implant_points
@@ -120,15 +121,16 @@ def trajectory(dataset_dir: str, num_cases: int = 10, **overrides) -> dict:
         finally:
             generator.denoiser = recorder.denoiser
         nc, diffusion = generator.num_condition, generator.diffusion
-        condition = clouds[0, :nc]
-        center, scale = (v[0].numpy() for v in normalization_params(torch.from_numpy(condition)[None]))
-        tree, row = cKDTree(truth), []
+        condition = torch.from_numpy(clouds[:1, :nc]).double()  # (1, Nc, 3): member 0, as sampled
+        center, scale = normalization_params(condition)
+        truth_t, row = torch.from_numpy(truth).double()[None], []
         for x, t, out in recorder.calls:
             abar = float(diffusion.alphas_cumprod[int(t[0])])
             estimate = data_prediction(out[:1, :, nc:], x[:1, :, nc:], abar**0.5, (1 - abar) ** 0.5, diffusion.prediction_type)
-            estimate = estimate[0].T.numpy() * scale + center
-            chamfer = tree.query(estimate)[0].mean() + cKDTree(estimate).query(truth)[0].mean()
-            row.append((int(t[0]), abs(_radial_offset(estimate, truth, condition.mean(axis=0))), chamfer))
+            estimate = denormalize_points(estimate.transpose(1, 2).double(), center, scale)  # (1, Nt, 3) voxels
+            chamfer = float(chamfer_distance(estimate, truth_t, squared=False)[0])
+            radial = _radial_offset(estimate[0].numpy(), truth, condition[0].numpy().mean(axis=0))
+            row.append((int(t[0]), abs(radial), chamfer))
         rows.append(row)
     steps = np.array(rows)  # (cases, steps, 3)
     result = {int(t): v.round(2).tolist() for t, v in zip(steps[0, :, 0], steps[:, :, 1:].mean(axis=0))}
