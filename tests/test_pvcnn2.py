@@ -89,6 +89,41 @@ def test_training_steps_reduce_mse():
     assert min(losses[-3:]) < 0.6
 
 
+def test_coordinate_skip_starts_as_the_plain_network_and_can_copy_its_input():
+    torch.manual_seed(3)
+    plain = PVCNN2Denoiser("tiny", dropout=0.0, head_dropout=0.0).eval()
+    skip = PVCNN2Denoiser("tiny", dropout=0.0, head_dropout=0.0, coordinate_skip=True).eval()
+    x, t = shell_batch(2, 512, 3), torch.tensor([5, 900])
+    with torch.no_grad():
+        skip.skip_gate.bias.fill_(0.5)
+        skip.load_state_dict(plain.state_dict())  # weights without the gate load with a closed gate
+        assert skip.skip_gate.bias.abs().sum() == 0
+        torch.testing.assert_close(skip(x, t), plain(x, t))
+        skip.skip_gate.bias.fill_(0.1)  # gate = gain (10) x 0.1 = 1: the output is the input
+        torch.testing.assert_close(skip(x, t), x)
+
+
+def test_coordinate_skip_gate_opens_where_the_input_is_the_better_estimate():
+    """x0 regression at low noise: Adam steps open the gate at small t, and the loss falls."""
+    torch.manual_seed(4)
+    model = PVCNN2Denoiser("tiny", dropout=0.0, head_dropout=0.0, coordinate_skip=True)
+    nc = model.config["num_condition"]
+    x0, t = shell_batch(4, 512, 4), torch.tensor([2, 5, 8, 10])
+    noise = 0.01 * torch.randn(4, 3, 512 - nc, generator=torch.Generator().manual_seed(5))
+    x = torch.cat([x0[:, :, :nc], x0[:, :, nc:] + noise], dim=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = (model(x, t)[:, :, nc:] - x0[:, :, nc:]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    gate = model.skip_gate(model.time_embed(t)).detach()
+    assert (gate > 0.01).all()
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_distinct_slot_sa_equals_full_k_reference():
     """The SA MLP on distinct slots with repeat-count weights == reference MLP on all K slots."""
     torch.manual_seed(4)

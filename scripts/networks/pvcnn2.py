@@ -8,6 +8,10 @@ The ``paper`` preset has 27,648,963 parameters (the paper's "27.65 M").
 
 Tensors are channels-first: ``x (B, 3, N)`` with the condition points first along ``N``.
 
+Not in the reference: ``coordinate_skip`` (an option, off in every preset) blends the head's output with
+the input coordinates by a learned gate of the time step, so that an x0 predictor can keep the
+points it is given at low noise (the reference predicts the noise and never needs to).
+
 The sinusoidal time embedding is the same for every point, so the reference's grouping
 (gather + max) and 3-NN interpolation (weights summing to 1) leave it unchanged; it is carried
 as ``(B, E, 1)`` and broadcast wherever the reference concatenates it (equal up to rounding).
@@ -43,6 +47,7 @@ _SA_MLPS = ((32, 64), (64, 128), (128, 256), (256, 256, 512))
 _FP_MLPS = ((256, 256), (256, 256), (256, 128), (128, 128, 64))
 _FP_CONVS = ((256, 3, 8), (256, 3, 8), (128, 2, 16), (64, 2, 32))
 _GROUPS = 8  # GroupNorm groups everywhere (and attention / SE divisibility)
+_SKIP_GAIN = 10.0  # coordinate_skip: gate = gain x Linear(time embedding)
 
 
 def _scaled_centers(num_points: int) -> tuple[int, ...]:
@@ -55,17 +60,17 @@ PRESETS: dict[str, dict] = {
     # 128 neighbours at every level (PVD's ShapeNet models use 32).
     "paper": dict(num_points=30720, num_condition=27648, width_multiplier=1.0, voxel_resolution_multiplier=1.0,
                   centers=(10240, 2560, 640, 160), radii=(0.1, 0.2, 0.4, 0.8), neighbors=(128, 128, 128, 128),
-                  embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True),
+                  embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
     # Trains on 2 CPU cores (~0.4-0.6 s forward + backward for batch 4): 10x fewer points (radii
     # x sqrt(10) keep ~10 hits per ball), quarter width (1.76 M parameters), voxel grids
     # 16/8/4, 32 neighbours.
     "small": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
                   centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
-                  embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True),
+                  embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
     # Unit tests only.
     "tiny": dict(num_points=512, num_condition=448, width_multiplier=0.25, voxel_resolution_multiplier=0.25,
                  centers=_scaled_centers(512), radii=(0.8, 1.6, 3.2, 6.4), neighbors=(16, 16, 16, 16),
-                 embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True),
+                 embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
 }
 
 
@@ -261,6 +266,15 @@ def _channels(c: int, r: float, what: str) -> int:
     return out
 
 
+def _closed_gate_if_missing(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: a state dict without the coordinate skip's gate (weights trained
+    without it, bundle <= 0.5.x) loads with a closed gate (zeros), which is the same network."""
+    if not any(key.startswith(prefix) for key in state_dict):
+        return
+    for name in ("weight", "bias"):
+        state_dict.setdefault(f"{prefix}skip_gate.{name}", torch.zeros_like(getattr(module.skip_gate, name)))
+
+
 class PVCNN2Denoiser(nn.Module):
     """PVD's conditional PVCNN2 noise predictor: ``forward(x (B, 3, N), t (B,) long) -> eps (B, 3, N)``.
 
@@ -326,6 +340,18 @@ class PVCNN2Denoiser(nn.Module):
         self.fp = nn.ModuleList(fp)
         hidden = _channels(128, r, "head")
         self.head = nn.Sequential(SharedMLP(in_ch, (hidden,)), nn.Dropout(cfg["head_dropout"]), nn.Conv1d(hidden, 3, 1))
+        # coordinate_skip: out = head + gate(t) * (x - head), a blend of the head with the input
+        # coordinates, one gate per axis from the time embedding, zero at start (the network is then
+        # the one without the skip). The PVCNN reaches a point's output only through interpolated
+        # coarse features, so it cannot copy its input coordinates, which an x0 predictor at low noise
+        # needs. As a blend the gate's gradient where the input is the better estimate is -2 err^2: it
+        # opens without the head having to change first. The gain lets Adam (steps ~ lr per
+        # parameter) move the gate by O(0.01) per step instead of O(lr).
+        self.skip_gate = nn.Linear(e, 3) if cfg["coordinate_skip"] else None
+        if self.skip_gate is not None:
+            nn.init.zeros_(self.skip_gate.weight)
+            nn.init.zeros_(self.skip_gate.bias)
+            self.register_load_state_dict_pre_hook(_closed_gate_if_missing)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x (B, 3, N)`` float (condition points first), ``t (B,)`` integer steps -> ``(B, 3, N)``."""
@@ -352,7 +378,10 @@ class PVCNN2Denoiser(nn.Module):
             target = coords_list[-1 - level]
             features = fp(target, coords, with_temb(features), skips[-1 - level])
             coords = target
-        return self.head(features)
+        out = self.head(features)
+        if self.skip_gate is not None:
+            out = out + _SKIP_GAIN * self.skip_gate(temb[:, :, 0])[:, :, None] * (x - out)
+        return out
 
 
 def build_denoiser(preset: str = "paper", **overrides) -> PVCNN2Denoiser:
