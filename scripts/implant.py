@@ -56,6 +56,8 @@ __all__ = [
     "combine_completes",
     "ensemble_mean_and_variance",
     "require_implant",
+    "open_fraction",
+    "require_opening",
     "ImplantToInputGridd",
     "RequireImplantd",
 ]
@@ -311,6 +313,55 @@ def require_implant(implant, min_voxels: int = 1, name: str = "implant") -> int:
     return n
 
 
+def open_fraction(implant, defective, spacing, band_mm: float = 15.0, max_voxels: int = 20000) -> float:
+    """The fraction of the implant that lies over an opening of the defective skull, seen from its centre.
+
+    For each implant voxel, the ray from the skull's centre of mass through the voxel is searched within
+    ``band_mm`` on either side of it: if it meets bone, the voxel lies over or under existing bone. An
+    implant that fills a defect covers the opening (study implants: 95-100 % open, the rest is the rim);
+    a piece added beside intact bone, as on a complete skull, is 0 % open. Written by hand: no library
+    tests whether a shell is missing under a region. Uses at most ``max_voxels`` implant voxels (an even
+    stride, so the result is deterministic).
+
+    Args:
+        implant, defective: bool (X, Y, Z) on the same grid.
+        spacing: (3,) voxel size in mm.
+    Returns:
+        float in [0, 1]; 0 for an empty implant.
+    """
+    implant, defective = volume3d(implant, "implant") > 0, volume3d(defective, "defective") > 0
+    voxels = np.argwhere(implant)
+    if len(voxels) == 0 or not defective.any():
+        return 0.0 if len(voxels) == 0 else 1.0
+    voxels = voxels[:: math.ceil(len(voxels) / max_voxels)]
+    spacing = np.asarray(spacing, dtype=np.float64)
+    centre = np.asarray(ndimage.center_of_mass(defective))
+    offset_mm = (voxels - centre) * spacing  # (M, 3)
+    radius = np.linalg.norm(offset_mm, axis=1, keepdims=True)
+    direction = offset_mm / np.maximum(radius, 1e-9)
+    steps = np.arange(-band_mm, band_mm + 1e-9, 0.5 * spacing.min())  # (S,) mm along the ray
+    along = centre + direction[:, None, :] * (radius[:, None, :] + steps[None, :, None]) / spacing  # (M, S, 3)
+    index = np.rint(along).astype(np.int64)
+    inside = np.all((index >= 0) & (index < np.asarray(defective.shape)), axis=2)
+    index = np.clip(index, 0, np.asarray(defective.shape) - 1)
+    bone = defective[index[..., 0], index[..., 1], index[..., 2]] & inside
+    return float(1.0 - bone.any(axis=1).mean())
+
+
+def require_opening(implant, defective, spacing, min_open_fraction: float = 0.5, name: str = "implant") -> float:
+    """Return :func:`open_fraction`; raise ValueError ("no defect found") if less than
+    ``min_open_fraction`` of the implant lies over an opening of the defective skull. Unlike the volume
+    guard this does not depend on how little the denoiser adds to a complete skull."""
+    fraction = open_fraction(implant, defective, spacing)
+    if fraction < min_open_fraction:
+        raise ValueError(
+            f"{name}: no defect found, only {100 * fraction:.0f} % of the implant lies over an opening of the "
+            f"skull (< min_open_fraction={min_open_fraction:g}); the rest lies along intact bone "
+            "(is the input skull complete?)."
+        )
+    return fraction
+
+
 def _to_input_grid(volume: np.ndarray, cube: MetaTensor, iso: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
     """A model-grid volume (X', Y', Z') -> the input's exact grid (X, Y, Z): bool if binary else float32."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
@@ -348,18 +399,25 @@ class ImplantToInputGridd(MapTransform):
 
 
 class RequireImplantd(MapTransform):
-    """:func:`require_implant` on ``keys`` with a volume threshold: an implant smaller than ``min_implant_ml``
-    (in the reference mask's voxel spacing) raises ValueError ("no defect found") naming the ``name_key``
-    file; the voxel count goes to ``<key>_voxels``."""
+    """Stops a case without a defect (ValueError "no defect found", naming the ``name_key`` file): an
+    implant in ``keys`` smaller than ``min_implant_ml`` (:func:`require_implant`, in the reference mask's
+    voxel spacing), or one of which less than ``min_open_fraction`` lies over an opening of the defective
+    skull ``reference_key`` (:func:`require_opening`; 0 turns it off). Sets ``<key>_voxels`` and
+    ``<key>_open_fraction``."""
 
     def __init__(self, keys: KeysCollection = "implant", reference_key: str = "skull", min_implant_ml: float = 2.0,
-                 name_key: str = "input") -> None:
+                 min_open_fraction: float = 0.5, name_key: str = "input") -> None:
         super().__init__(keys)
-        self.reference_key, self.min_implant_ml, self.name_key = reference_key, float(min_implant_ml), name_key
+        self.reference_key, self.name_key = reference_key, name_key
+        self.min_implant_ml, self.min_open_fraction = float(min_implant_ml), float(min_open_fraction)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        min_voxels = math.ceil(self.min_implant_ml * 1000.0 / float(np.prod(mask_spacing(d[self.reference_key]))))
+        img = d[self.reference_key]
+        spacing, name = mask_spacing(img), str(Path(d[self.name_key]))
+        min_voxels = math.ceil(self.min_implant_ml * 1000.0 / float(np.prod(spacing)))
         for key in self.key_iterator(d):
-            d[f"{key}_voxels"] = require_implant(d[key], min_voxels, name=str(Path(d[self.name_key])))
+            d[f"{key}_voxels"] = require_implant(d[key], min_voxels, name=name)
+            d[f"{key}_open_fraction"] = require_opening(d[key], np.asarray(img[0]) > 0, spacing,
+                                                        self.min_open_fraction, name=name)
         return d

@@ -253,7 +253,7 @@ class SaveCased(Transform):
 
     Reads the keys the inference config's pipeline sets: ``case``, ``input``, ``skull`` (input-grid mask),
     ``input_type``, ``bone_threshold_hu``, ``pred`` (generator result), ``implant``, ``implant_members``,
-    ``implant_variance``, ``implant_voxels``, ``started``.
+    ``implant_variance``, ``implant_voxels``, ``implant_open_fraction``, ``started``.
     """
 
     def __init__(self, output_dir: str | os.PathLike, weights: Sequence[str | os.PathLike] = (),
@@ -296,6 +296,7 @@ class SaveCased(Transform):
                 "resampled_to_isotropic": not is_isotropic(img),
                 "implant_voxels": voxels,
                 "implant_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
+                "implant_open_fraction": round(d["implant_open_fraction"], 3),
                 "member_voxels": [int(m.sum()) for m in pred["implants"]],
                 **pred["settings"],
                 "weights": {w.name: file_sha256(w) for w in self.weights},

@@ -18,10 +18,13 @@ from scripts.implant import (
     largest_component,
     majority_vote,
     median_smooth,
+    open_fraction,
     postprocess_ensemble,
     postprocess_member,
     raw_implant,
     require_implant,
+    require_opening,
+    RequireImplantd,
 )
 
 N = 32
@@ -244,3 +247,45 @@ def test_require_implant():
         require_implant(np.zeros_like(m))
     with pytest.raises(ValueError, match="case_7"):
         require_implant(m, min_voxels=9, name="case_7")
+
+
+def skull_cap_case(n=64):
+    """(defective shell, the cap cut out of it = a filled opening, a layer the cap's size lying 2 voxels
+    outside the intact shell on the other side), bool (n, n, n): a skull-like 4-voxel shell of radius 26."""
+    g = np.indices((n, n, n)) - (n - 1) / 2
+    r = np.sqrt((g**2).sum(0))
+    shell = (r >= 24) & (r <= 28)
+    cap = shell & (g[2] > np.cos(np.radians(35)) * r)
+    layer = (r > 29) & (r <= 31) & (-g[2] > np.cos(np.radians(35)) * r)
+    return shell & ~cap, cap, layer
+
+
+def test_open_fraction_tells_a_filled_opening_from_a_layer_on_intact_bone():
+    """The cap put back covers the opening (fraction 0.95, the rest is the rim seen obliquely); a layer
+    beside intact bone covers none, at any spacing (the search band is in mm)."""
+    defective, cap, layer = skull_cap_case()
+    for spacing in [(1.0, 1.0, 1.0), (0.5, 0.5, 0.5), (1.0, 1.0, 2.0)]:
+        assert open_fraction(cap, defective, spacing) > 0.9
+        assert open_fraction(layer, defective, spacing) == 0.0
+    assert open_fraction(np.zeros_like(cap), defective, (1.0, 1.0, 1.0)) == 0.0
+    assert require_opening(cap, defective, (1, 1, 1), name="case_3") > 0.9
+    with pytest.raises(ValueError, match=r"case_3: no defect found, only 0 % of the implant lies over an opening"):
+        require_opening(layer, defective, (1, 1, 1), name="case_3")
+
+
+def test_require_implantd_checks_volume_and_opening_in_the_input_spacing():
+    from monai.data import MetaTensor
+
+    defective, cap, layer = skull_cap_case()
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    data = {"skull": MetaTensor(torch.from_numpy(defective[None].astype(np.float32)), affine=affine),
+            "input": "/data/case_9.nrrd"}
+    out = RequireImplantd(min_implant_ml=2.0)({**data, "implant": cap})
+    assert out["implant_voxels"] == cap.sum() and out["implant_open_fraction"] > 0.9
+    with pytest.raises(ValueError, match=r"case_9.nrrd: no defect found, only 0 %"):
+        RequireImplantd(min_implant_ml=2.0)({**data, "implant": layer})
+    cap_ml = cap.sum() * 8 / 1000  # 2 mm voxels
+    with pytest.raises(ValueError, match=r"case_9.nrrd: no defect found, the implant is empty or too small"):
+        RequireImplantd(min_implant_ml=cap_ml + 0.01)({**data, "implant": cap})
+    off = RequireImplantd(min_implant_ml=0.0, min_open_fraction=0.0)({**data, "implant": layer})
+    assert off["implant_voxels"] == layer.sum() and off["implant_open_fraction"] == 0.0

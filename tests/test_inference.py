@@ -264,18 +264,21 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
 
 
 @pytest.mark.slow
-def test_skull_without_defect_is_reported_by_the_volume_guard(tmp_path, generator):
+def test_skull_without_defect_is_reported_by_the_guards(tmp_path, generator):
     """Documented behaviour (docs/README.md, Limitations): on a complete skull the shipped model's points
-    (default sampler, 10 steps) land on the existing bone, the completed skull adds only a sliver
-    (1.0 ml measured), and the ``min_implant_ml`` guard (2 ml) stops the run with "no defect found";
-    without the guard the sliver is what comes out."""
+    land beside the existing bone and the completed skull adds a piece along it. The run stops with "no
+    defect found": by its volume (``min_implant_ml``) if it is small, and in any case because none of it
+    lies over an opening (``min_open_fraction``); with both guards off the piece is what comes out."""
     skull, truth = load_mask(SAMPLE), load_mask(TRUTH)
     complete = save_mask(tmp_path / "complete.nrrd", (skull[0] > 0) | (truth[0] > 0), skull.affine)
     with pytest.raises(ValueError, match=r"complete.nrrd.*no defect found"):
         run_case(complete, tmp_path / "out", generator, stl=False, preview=False)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    summary = run_case(complete, tmp_path / "again", generator, stl=False, preview=False, min_implant_ml=0.0)
-    assert 0.0 <= summary["implant_volume_ml"] < 2.0
+    with pytest.raises(ValueError, match=r"complete.nrrd: no defect found, only \d+ % of the implant lies over an"):
+        run_case(complete, tmp_path / "out", generator, stl=False, preview=False, min_implant_ml=0.0)
+    summary = run_case(complete, tmp_path / "again", generator, stl=False, preview=False, min_implant_ml=0.0,
+                       min_open_fraction=0.0)
+    assert summary["implant_volume_ml"] < 15.0 and summary["implant_open_fraction"] < 0.1
 
 
 @pytest.mark.slow
