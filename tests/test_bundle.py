@@ -36,12 +36,17 @@ def test_verify_metadata_rejects_incomplete_metadata(tmp_path):
 
 TRAIN_BASE = "train_base.json"
 TRAINERS = ["train_diffusion.json", "train_voxelizer.json"]  # layers on TRAIN_BASE
-OVERLAYS = {"multi_gpu_train.json": TRAINERS,  # go on top of TRAIN_BASE + a trainer layer
-            "recipes/denoiser_small.json": ["train_diffusion.json"],
-            "recipes/voxelizer_small.json": ["train_voxelizer.json"]}
+# overlay -> the layers it goes on (after TRAIN_BASE), as users run them
+OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
+            "recipes/denoiser_small.json": [["train_diffusion.json"]],
+            "recipes/denoiser_small_skip.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
+            "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
+# the training configs of the shipped weights, by the inference.json recipe they must match
+SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_skip.json"],
+           "voxelizer_recipe": ["train_voxelizer.json", "recipes/voxelizer_small.json"]}
 CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in [TRAIN_BASE, *TRAINERS, *OVERLAYS]] + [
     [TRAIN_BASE, trainer] for trainer in TRAINERS] + [
-    [TRAIN_BASE, trainer, overlay] for overlay, trainers in OVERLAYS.items() for trainer in trainers]
+    [TRAIN_BASE, *below, overlay] for overlay, stacks in OVERLAYS.items() for below in stacks]
 
 
 @pytest.mark.parametrize("configs", CONFIG_RUNS, ids="+".join)
@@ -87,16 +92,18 @@ def test_inference_config_has_monai_inference_properties():
 
 def test_shipped_recipes_are_what_inference_expects():
     """The recipe overlays of the shipped weights build the recipes inference.json checks the weights
-    against (so training and inference cannot drift apart silently)."""
+    against (so training and inference cannot drift apart silently), and the shipped files carry them."""
+    from scripts.weights import read_recipe
     from tools.export_weights import training_recipe
 
     infer = ConfigParser()
     infer.read_config(str(CONFIGS / "inference.json"))
-    for recipe, expected in (("denoiser_small", "denoiser_recipe"), ("voxelizer_small", "voxelizer_recipe")):
-        trainer = "train_diffusion.json" if recipe.startswith("denoiser") else "train_voxelizer.json"
-        trained = training_recipe([str(CONFIGS / f) for f in (TRAIN_BASE, trainer, f"recipes/{recipe}.json")])
+    for expected, layers in SHIPPED.items():
+        trained = training_recipe([str(CONFIGS / f) for f in (TRAIN_BASE, *layers)])
         wanted = infer.get_parsed_content(expected)
-        assert trained["name"] == recipe and {k: trained[k] for k in wanted} == wanted
+        assert trained["name"] == Path(layers[-1]).stem and {k: trained[k] for k in wanted} == wanted
+        shipped = ROOT / "models" / ("model.pt" if expected == "denoiser_recipe" else "model_voxelizer.pt")
+        assert read_recipe(shipped)["name"] == trained["name"]
 
 
 def test_deploy_app_version_is_the_bundle_version():
