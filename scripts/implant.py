@@ -356,8 +356,9 @@ def require_opening(implant, defective, spacing, min_open_fraction: float = 0.5,
     if fraction < min_open_fraction:
         raise ValueError(
             f"{name}: no defect found, only {100 * fraction:.0f} % of the implant lies over an opening of the "
-            f"skull (< min_open_fraction={min_open_fraction:g}); the rest lies along intact bone "
-            "(is the input skull complete?)."
+            f"skull (< min_open_fraction={min_open_fraction:g}); the rest lies along intact bone. Is the input "
+            "skull complete? If it has a defect, the model did not find it: check the preview, or set "
+            "min_open_fraction 0 to keep this implant."
         )
     return fraction
 

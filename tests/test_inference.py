@@ -296,6 +296,18 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
     assert dice(implant[0] > 0, truth[0] > 0) > 0.85
 
 
+def test_quality_study_counts_the_cases_the_guards_would_stop():
+    """The study runs with the no-defect guards off and lists the cases they would stop at the config's
+    defaults (2 ml, half over an opening); summaries without the fraction (the U-Net's) count by volume."""
+    from tools.quality_study import guard_stops
+
+    summaries = [{"case_id": "a", "implant_volume_ml": 30.0, "implant_open_fraction": 0.97},
+                 {"case_id": "b", "implant_volume_ml": 1.5, "implant_open_fraction": 0.97},
+                 {"case_id": "c", "implant_volume_ml": 30.0, "implant_open_fraction": 0.07},
+                 {"case_id": "d", "implant_volume_ml": 25.0}]
+    assert guard_stops(summaries) == ["b", "c"]
+
+
 def test_true_points_noise_moves_each_implant_point_by_the_set_amount():
     """The study's "True implant points + N voxel noise" settings: the same true points, each moved by
     seeded Gaussian noise of N voxels per axis (the condition points stay as they are)."""

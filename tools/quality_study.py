@@ -22,7 +22,7 @@ from pathlib import Path
 
 import fire
 import numpy as np
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.cases import case_datalist, predict_case
 from scripts.data.datalist import build_datalist
@@ -137,14 +137,27 @@ def _run_true_points(cases: list[dict], out: Path, noise_vox: float = 0.0, **ove
     return json.loads(summary.read_text())
 
 
+def guard_stops(summaries: list[dict]) -> list[str]:
+    """The cases that configs/inference.json's no-defect guards (at their defaults) would have stopped:
+    implant below ``min_implant_ml`` or less of it than ``min_open_fraction`` over an opening. The study
+    runs with the guards off, so that it scores what the model made of every case."""
+    config = ConfigParser()
+    config.read_config(str(ROOT / "configs" / "inference.json"))
+    min_ml, min_open = float(config["min_implant_ml"]), float(config["min_open_fraction"])
+    return [s["case_id"] for s in summaries
+            if s["implant_volume_ml"] < min_ml or s.get("implant_open_fraction", 1.0) < min_open]
+
+
 def _row(name: str, report: dict, summaries: list[dict], calls: int | None) -> dict:
-    """One table row: mean metrics (and per defect class) from the evaluation report, mean seconds per case."""
+    """One table row: mean metrics (and per defect class) from the evaluation report, mean seconds per case,
+    and the cases the no-defect guards would have stopped."""
     mean = {k: v["mean"] for k, v in report["metrics"].items()}
     return {
         "setting": name, "network_calls": calls, "cases": report["num_cases"],
         "dsc": mean["dsc"], "bdsc": mean["bdsc"], "hd95_mm": mean["hd95"],
         "seconds_per_case": float(np.mean([s["timings_s"]["total"] for s in summaries])),
         "dsc_per_defect": {d: part["metrics"]["dsc"]["mean"] for d, part in report["per_defect"].items()},
+        "guard_stops": guard_stops(summaries),
     }
 
 
@@ -162,7 +175,8 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
     """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINT_SETTINGS (default: all
     SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
     configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
-    configs/inference.json (e.g. preset)."""
+    configs/inference.json (e.g. preset); the no-defect guards are off unless set there (see :func:`guard_stops`)."""
+    overrides = {"min_implant_ml": 0.0, "min_open_fraction": 0.0, **overrides}
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS and n not in TRUE_POINT_SETTINGS]
