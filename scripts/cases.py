@@ -174,7 +174,8 @@ class CaseReport:
         else:
             summary = case["summary"]
             self.report["cases"].append(summary)
-            logger.info("%s: implant %.2f ml in %.1f s", summary["case_id"], summary["implant_volume_ml"],
+            logger.info("%s: implant %.2f ml (%.0f %% over the skull's opening) in %.1f s", summary["case_id"],
+                        summary["implant_volume_ml"], 100 * summary["implant_open_fraction"],
                         summary["timings_s"]["total"])
 
     def write(self, engine: Engine) -> None:
