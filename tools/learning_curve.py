@@ -28,7 +28,7 @@ from scripts.checkpoints import KEPT_FOLDER, checkpoint_files
 from scripts.evaluate import evaluate_predictions
 from scripts.io import atomic_write
 from tools.export_weights import export_weights
-from tools.quality_study import SETTINGS, _run, held_out_cases
+from tools.quality_study import GUARDS_OFF, SETTINGS, _run, held_out_cases
 
 RECIPE = ("configs/train_base.json", "configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
 
@@ -62,7 +62,7 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
         folder = Path(output_dir) / f"iteration_{iteration}"
         weights = export_weights(checkpoint, folder / "denoiser.pt", config, key="ema_network", overwrite=True)
         _run("inference.json", cases, folder, denoiser_weights=str(weights), stl=False, preview=False,
-             progress=False, seed=0, num_samples=1, **SETTINGS[setting])
+             progress=False, seed=0, num_samples=1, **SETTINGS[setting], **GUARDS_OFF)
         report = evaluate_predictions(cases, folder, folder / "evaluation")
         mean = {k: v["mean"] for k, v in report["metrics"].items()}
         rows.append({"iteration": iteration, "cpu_hours": (start_iterations + iteration) * seconds_per_iteration / 3600,

@@ -34,6 +34,9 @@ from scripts.io import atomic_write, is_isotropic, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the no-defect guards are for users' runs; a study scores what the model made of every case
+GUARDS_OFF = {"min_implant_ml": 0.0, "min_open_fraction": 0.0}
+
 # name -> inference.json overrides (explicit, so the table does not change with the config's defaults)
 SETTINGS = {
     "DDPM-1000": {"sampler": "ddpm", "steps": 1000},
@@ -176,7 +179,7 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
     SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
     configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
     configs/inference.json (e.g. preset); the no-defect guards are off unless set there (see :func:`guard_stops`)."""
-    overrides = {"min_implant_ml": 0.0, "min_open_fraction": 0.0, **overrides}
+    overrides = {**GUARDS_OFF, **overrides}
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS and n not in TRUE_POINT_SETTINGS]
