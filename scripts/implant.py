@@ -327,12 +327,14 @@ def open_fraction(implant, defective, spacing, band_mm: float = 15.0, max_voxels
         implant, defective: bool (X, Y, Z) on the same grid.
         spacing: (3,) voxel size in mm.
     Returns:
-        float in [0, 1]; 0 for an empty implant.
+        float in [0, 1]; 0 for an empty implant, 1 if there is no bone at all.
     """
     implant, defective = volume3d(implant, "implant") > 0, volume3d(defective, "defective") > 0
     voxels = np.argwhere(implant)
-    if len(voxels) == 0 or not defective.any():
-        return 0.0 if len(voxels) == 0 else 1.0
+    if len(voxels) == 0:
+        return 0.0
+    if not defective.any():
+        return 1.0
     voxels = voxels[:: math.ceil(len(voxels) / max_voxels)]
     spacing = np.asarray(spacing, dtype=np.float64)
     centre = np.asarray(ndimage.center_of_mass(defective))
@@ -415,10 +417,9 @@ class RequireImplantd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         img = d[self.reference_key]
-        spacing, name = mask_spacing(img), str(Path(d[self.name_key]))
+        defective, spacing, name = np.asarray(img[0]) > 0, mask_spacing(img), str(Path(d[self.name_key]))
         min_voxels = math.ceil(self.min_implant_ml * 1000.0 / float(np.prod(spacing)))
         for key in self.key_iterator(d):
             d[f"{key}_voxels"] = require_implant(d[key], min_voxels, name=name)
-            d[f"{key}_open_fraction"] = require_opening(d[key], np.asarray(img[0]) > 0, spacing,
-                                                        self.min_open_fraction, name=name)
+            d[f"{key}_open_fraction"] = require_opening(d[key], defective, spacing, self.min_open_fraction, name=name)
         return d
