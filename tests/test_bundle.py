@@ -40,9 +40,10 @@ TRAINERS = ["train_diffusion.json", "train_voxelizer.json"]  # layers on TRAIN_B
 OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
             "recipes/denoiser_small.json": [["train_diffusion.json"]],
             "recipes/denoiser_small_skip.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
+            "recipes/denoiser_small_b16.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
 # the training configs of the shipped weights, by the inference.json recipe they must match
-SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_skip.json"],
+SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_b16.json"],
            "voxelizer_recipe": ["train_voxelizer.json", "recipes/voxelizer_small.json"]}
 CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in [TRAIN_BASE, *TRAINERS, *OVERLAYS]] + [
     [TRAIN_BASE, trainer] for trainer in TRAINERS] + [
