@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.distributed import is_main_process, unwrap
@@ -28,6 +29,17 @@ def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     numbered = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := _CKPT_ITERATION.search(p.name))]
     final = folder / FINAL_CHECKPOINT
     return [p for _, p in sorted(numbered, key=lambda item: item[0])] + ([final] if final.is_file() else [])
+
+
+def prune_rolling_checkpoints(ckpt_dir: str | os.PathLike, n_saved: int) -> None:
+    """Delete the numbered checkpoints in ckpt_dir beyond the newest n_saved (``final.pt`` and ``kept/`` stay).
+
+    MONAI's CheckpointSaver prunes only the files it wrote itself, so without this a resumed run
+    leaves the numbered checkpoints of every earlier sitting behind.
+    """
+    numbered = [p for p in checkpoint_files(ckpt_dir) if p.name != FINAL_CHECKPOINT]
+    for path in numbered[:-n_saved]:
+        path.unlink(missing_ok=True)
 
 
 def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, set[str]] | None:
@@ -91,8 +103,9 @@ def attach_checkpointing(
 ) -> dict:
     """Resume ``trainer`` from the newest loadable checkpoint in ckpt_dir and save every ``interval``
     iterations (plus ``final.pt``); returns the checkpointed objects. Only the newest ``n_saved``
-    numbered checkpoints stay; with ``keep_interval``, every ``keep_interval`` iterations a copy also
-    goes to ``<ckpt_dir>/kept/`` and is never deleted (``tools.learning_curve`` scores those).
+    numbered checkpoints stay, also across resumed sittings; with ``keep_interval``, every
+    ``keep_interval`` iterations a copy also goes to ``<ckpt_dir>/kept/`` and is never deleted
+    (``tools.learning_curve`` scores those).
 
     objects: e.g. {"network": ..., "optimizer": ...}; the trainer (iteration/epoch counters) and,
     with an ignite ``EMAHandler``, its EMA weights are added here: a config cannot reference the
@@ -113,6 +126,9 @@ def attach_checkpointing(
             save_dir=str(ckpt_dir), save_dict=objects, epoch_level=False, save_interval=interval,
             n_saved=n_saved, save_final=True, final_filename=FINAL_CHECKPOINT,
         ).attach(trainer)
+        if n_saved:  # after the saver's own pruning: also those of earlier sittings
+            trainer.add_event_handler(
+                Events.ITERATION_COMPLETED(every=interval), lambda _: prune_rolling_checkpoints(ckpt_dir, n_saved))
         if keep_interval:
             CheckpointSaver(
                 save_dir=str(Path(ckpt_dir) / KEPT_FOLDER), save_dict=objects, epoch_level=False,

@@ -169,6 +169,35 @@ def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
     assert latest_checkpoint(tmp_path) == str(tmp_path / "final.pt")
 
 
+def test_a_resumed_run_prunes_the_rolling_checkpoints_of_earlier_sittings(tmp_path):
+    """MONAI's CheckpointSaver only prunes what it wrote itself; after a resume the newest n_saved
+    numbered checkpoints are still all that stays, and the kept ones are never touched."""
+    from ignite.engine import Engine
+
+    def sitting(max_epochs: int) -> Engine:
+        net = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(net.parameters(), 1e-2)
+
+        def update(engine, batch):
+            opt.zero_grad()
+            (net(batch) ** 2).mean().backward()
+            opt.step()
+
+        engine = Engine(update)
+        attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt}, interval=2, keep_interval=4)
+        engine.run([torch.ones(2, 3)] * 4, max_epochs=max_epochs)
+        return engine
+
+    sitting(2)
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint_iteration=6.pt", "checkpoint_iteration=8.pt", "final.pt"]
+    assert sitting(4).state.iteration == 16
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "checkpoint_iteration=14.pt", "checkpoint_iteration=16.pt", "final.pt"]
+    assert [p.name for p in checkpoint_files(tmp_path / "kept")] == [
+        f"checkpoint_iteration={i}.pt" for i in (4, 8, 12, 16)]
+
+
 def _iterations_logged(log: str) -> int:
     return len(re.findall(r"Epoch: \d+/\d+, Iter: \d+/\d+ -- train_loss", log))
 
