@@ -145,9 +145,8 @@ def test_resume_from_a_checkpoint_without_lr_scheduler(tmp_path, caplog):
         attach_checkpointing(Engine(step(net, opt)), tmp_path, {"network": net, "optimizer": opt}, interval=4)
 
 
-def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
-    """keep_interval: every n iterations a checkpoint also goes to <ckpt_dir>/kept/ for good, while
-    the rolling checkpoints keep only the newest two; resuming reads ckpt_dir itself."""
+def _checkpointed_linear_engine(ckpt_dir, keep_interval: int):
+    """An ignite Engine fitting a Linear(3, 1) by SGD, checkpointed every 2 iterations into ckpt_dir."""
     from ignite.engine import Engine
 
     net = torch.nn.Linear(3, 1)
@@ -159,8 +158,14 @@ def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
         opt.step()
 
     engine = Engine(update)
-    attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt}, interval=2, keep_interval=3)
-    engine.run([torch.ones(2, 3)] * 9, max_epochs=1)
+    attach_checkpointing(engine, ckpt_dir, {"network": net, "optimizer": opt}, interval=2, keep_interval=keep_interval)
+    return engine
+
+
+def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
+    """keep_interval: every n iterations a checkpoint also goes to <ckpt_dir>/kept/ for good, while
+    the rolling checkpoints keep only the newest two; resuming reads ckpt_dir itself."""
+    _checkpointed_linear_engine(tmp_path, keep_interval=3).run([torch.ones(2, 3)] * 9, max_epochs=1)
     assert [p.name for p in checkpoint_files(tmp_path)] == [
         "checkpoint_iteration=6.pt", "checkpoint_iteration=8.pt", "final.pt"]
     kept = checkpoint_files(tmp_path / "kept")
@@ -172,26 +177,11 @@ def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
 def test_a_resumed_run_prunes_the_rolling_checkpoints_of_earlier_sittings(tmp_path):
     """MONAI's CheckpointSaver only prunes what it wrote itself; after a resume the newest n_saved
     numbered checkpoints are still all that stays, and the kept ones are never touched."""
-    from ignite.engine import Engine
-
-    def sitting(max_epochs: int) -> Engine:
-        net = torch.nn.Linear(3, 1)
-        opt = torch.optim.SGD(net.parameters(), 1e-2)
-
-        def update(engine, batch):
-            opt.zero_grad()
-            (net(batch) ** 2).mean().backward()
-            opt.step()
-
-        engine = Engine(update)
-        attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt}, interval=2, keep_interval=4)
-        engine.run([torch.ones(2, 3)] * 4, max_epochs=max_epochs)
-        return engine
-
-    sitting(2)
+    data = [torch.ones(2, 3)] * 4
+    _checkpointed_linear_engine(tmp_path, keep_interval=4).run(data, max_epochs=2)
     assert [p.name for p in checkpoint_files(tmp_path)] == [
         "checkpoint_iteration=6.pt", "checkpoint_iteration=8.pt", "final.pt"]
-    assert sitting(4).state.iteration == 16
+    assert _checkpointed_linear_engine(tmp_path, keep_interval=4).run(data, max_epochs=4).iteration == 16
     assert [p.name for p in checkpoint_files(tmp_path)] == [
         "checkpoint_iteration=14.pt", "checkpoint_iteration=16.pt", "final.pt"]
     assert [p.name for p in checkpoint_files(tmp_path / "kept")] == [
