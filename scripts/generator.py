@@ -19,6 +19,7 @@ from monai.inferers import Inferer
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.implant import postprocess_ensemble
 from scripts.io import mask3d
+from scripts.mirror import left_right_axis, mirror_guided_points, mirrored_missing_points
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 __all__ = ["ImplantGenerator"]
@@ -44,6 +45,10 @@ class ImplantGenerator(Inferer):
         max_distance_vox: implant voxels farther than this from the generated points are dropped.
         dilate: dilations of each complete-skull mask (the reference dilates once at 0.4 mm voxels;
             at coarser grids one voxel is a lot of bone, so the small preset uses 0).
+        mirror_prior: after sampling, replace each member's implant points in the directions where the
+            skull's mirror image shows missing bone by mirrored points, then denoise the merged points
+            in one step from ``mirror_timestep`` (:mod:`scripts.mirror`); members the mirror does not
+            cover keep their sample.
     """
 
     def __init__(
@@ -64,11 +69,15 @@ class ImplantGenerator(Inferer):
         dilate: int = 1,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        mirror_prior: bool = False,
+        mirror_timestep: int = 19,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= mirror_timestep < diffusion.num_timesteps:
+            raise ValueError(f"mirror_timestep must be in [0, {diffusion.num_timesteps}), got {mirror_timestep}")
         self.device = torch.device(device)
         self.denoiser = denoiser.to(self.device).eval()
         self.voxelizer = voxelizer.to(self.device).eval()
@@ -80,6 +89,8 @@ class ImplantGenerator(Inferer):
         self.surface_points = int(surface_points or 4 * num_condition)
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
         self.progress = progress
+        self.mirror_prior, self.mirror_timestep = bool(mirror_prior), int(mirror_timestep)
+        self.mirror_fractions: list[float] = []
 
     def condition_points(self, defective: np.ndarray) -> np.ndarray:
         """Defective mask (X, Y, Z) -> each member's condition (K, Nc, 3), voxel coords: member k draws
@@ -111,6 +122,36 @@ class ImplantGenerator(Inferer):
         return clouds, clouds[:, self.num_condition :]
 
     @torch.no_grad()
+    def mirror_refine(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Completed clouds (K, N, 3) voxel coords -> the same with each member's implant points merged
+        with the mirror's missing-bone points (:func:`~scripts.mirror.mirror_guided_points`) and denoised
+        in one step from ``mirror_timestep``; ``axis``: the grid's left-right axis. Sets
+        ``mirror_fractions``, each member's share of implant points taken from the mirror (0: untouched)."""
+        missing = mirrored_missing_points(defective, axis, seed=self.seed)
+        rng = np.random.default_rng(self.seed)
+        merged, self.mirror_fractions = [], []
+        for cloud in clouds:
+            condition = cloud[: self.num_condition]
+            centre = (condition.min(0) + condition.max(0)) / 2.0
+            points, fraction = mirror_guided_points(cloud[self.num_condition :], missing, centre, rng)
+            merged.append(points)
+            self.mirror_fractions.append(fraction)
+        changed = [k for k, f in enumerate(self.mirror_fractions) if f > 0]
+        if not changed:
+            return clouds
+        conditions = torch.from_numpy(clouds[changed, : self.num_condition]).float().to(self.device)
+        targets = torch.from_numpy(np.stack([merged[k] for k in changed])).float().to(self.device)
+        center, scale = normalization_params(conditions)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        refined = self.diffusion.refine(
+            self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2),
+            normalize_points(targets, center, scale).transpose(1, 2), self.mirror_timestep, generator,
+        )
+        clouds = clouds.copy()
+        clouds[changed] = denormalize_points(refined.transpose(1, 2), center, scale).cpu().numpy()
+        return clouds
+
+    @torch.no_grad()
     def indicators(self, clouds: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
         """Completed clouds (K, N, 3) in voxel coords of a cube of side max(shape) -> indicator
         grids (K, s, s, s) at full resolution (inside < 0), one member at a time to bound memory."""
@@ -139,6 +180,12 @@ class ImplantGenerator(Inferer):
         start = time.perf_counter()
         clouds, generated = self.complete_points(defective)
         timings["diffusion"] = time.perf_counter() - start
+        self.mirror_fractions = []
+        if self.mirror_prior:
+            start = time.perf_counter()
+            clouds = self.mirror_refine(defective, clouds, left_right_axis(getattr(inputs, "affine", None)))
+            generated = clouds[:, self.num_condition :]
+            timings["mirror"] = time.perf_counter() - start
         start = time.perf_counter()
         grids = self.indicators(clouds, defective.shape)
         timings["voxelization"] = time.perf_counter() - start
@@ -157,4 +204,6 @@ class ImplantGenerator(Inferer):
             "network_calls": self.diffusion.last_model_calls,
             "seed": self.seed,
             "device": str(self.device),
+            "mirror_prior": self.mirror_prior,
+            "mirror_fraction": [round(f, 3) for f in self.mirror_fractions],
         }

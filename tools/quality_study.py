@@ -57,6 +57,9 @@ SETTINGS = {
     "DDIM-25 eta=1 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 1.0, "num_samples": 5},
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
+# the same with the mirror prior (configs/inference.json's default since 0.7.0); the rows above run without it
+SETTINGS = {name: {"mirror_prior": False, **setting} for name, setting in SETTINGS.items()}
+SETTINGS.update({f"{name} + mirror": {**setting, "mirror_prior": True} for name, setting in list(SETTINGS.items())})
 TRUE_POINTS = "True implant points"
 # name -> Gaussian noise (voxels per axis) added to the true implant points: how much point noise the
 # voxelizer and post-processing tolerate
@@ -191,7 +194,8 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         folder = out / name.replace("+", "p").replace(" ", "_")
         start = time.perf_counter()
         if name in TRUE_POINT_SETTINGS:
-            summaries = _run_true_points(cases, folder, TRUE_POINT_SETTINGS[name], progress=False, seed=seed, **overrides)
+            summaries = _run_true_points(cases, folder, TRUE_POINT_SETTINGS[name], progress=False, seed=seed,
+                                         mirror_prior=False, **overrides)
             setting = {"num_samples": 1, "steps": 0}
         else:
             setting = {"num_samples": 1, **SETTINGS[name]}
