@@ -36,7 +36,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from scripts.data.resample import crop_from_cube, to_original_grid
-from scripts.io import is_isotropic, mask3d, mask_spacing, volume3d
+from scripts.io import mask3d, mask_spacing, volume3d
 
 __all__ = [
     "BALL3",
@@ -369,7 +369,7 @@ def _to_input_grid(volume: np.ndarray, cube: MetaTensor, iso: MetaTensor, img: M
     """A model-grid volume (X', Y', Z') -> the input's exact grid (X, Y, Z): bool if binary else float32."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
     out = crop_from_cube(MetaTensor(data, affine=cube.affine), iso)
-    if not is_isotropic(img):
+    if not torch.allclose(iso.affine.double(), img.affine.double()):  # resampled or reoriented for the model
         out = to_original_grid(out, img, binary=binary)
     out = np.asarray(out[0])
     return out > 0.5 if binary else out.astype(np.float32)

@@ -281,6 +281,9 @@ def save_mask(
 
     writer = ITKWriter(output_dtype=dtype) if suffix == ".nrrd" else NibabelWriter(output_dtype=dtype)
     writer.set_data_array(data.astype(dtype, copy=False), channel_dim=None)
-    writer.set_metadata({"affine": affine, "original_affine": affine}, resample=False)
+    # set the affine directly: set_metadata(resample=False) still runs MONAI's resampler, which in MONAI
+    # 1.6 takes a channel-less 3D array for a 2D one and fails on volumes whose axes are permuted
+    # against the world axes (e.g. sagittal or coronal storage order)
+    writer.affine = affine
     options = {"compression": True} if suffix == ".nrrd" else {}
     return atomic_write(path, lambda tmp: writer.write(tmp, **options), overwrite=True)

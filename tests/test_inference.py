@@ -169,6 +169,26 @@ def test_anisotropic_input_keeps_its_grid(tmp_path, generator):
 
 
 @pytest.mark.slow
+def test_a_volume_stored_in_another_axis_order_gets_the_same_implant(tmp_path, generator):
+    """The model works on RAS-ordered volumes: the sample stored with its axes permuted and one flipped (a
+    sagittal-first, left-to-right-reversed file) gets the implant of the sample itself, in its own grid."""
+    skull = load_mask(SAMPLE)
+    perm, array = (2, 0, 1), np.flip(np.asarray(skull[0]), axis=0)  # x reversed, then stored as (z, x, y)
+    affine = np.asarray(skull.affine, dtype=float).copy()
+    affine[:3, 0] = -affine[:3, 0]
+    affine[:3, 3] += -affine[:3, 0] * (skull.shape[1] - 1)  # the reversed x axis starts at the old far end
+    affine[:3, :3] = affine[:3, :3][:, list(perm)]
+    moved = save_mask(tmp_path / "moved.nii.gz", np.ascontiguousarray(np.transpose(array, perm)), affine)
+    run_case(SAMPLE, tmp_path / "out", generator, stl=False, preview=False)
+    run_case(moved, tmp_path / "out", generator, stl=False, preview=False)
+    reference = np.asarray(load_mask(tmp_path / "out" / "defective_skull" / "implant.nrrd")[0]) > 0
+    implant = load_mask(tmp_path / "out" / "moved" / "implant.nii.gz")
+    assert torch.allclose(implant.affine, torch.as_tensor(affine, dtype=implant.affine.dtype))
+    assert reference.sum() > 1000
+    assert np.array_equal(np.asarray(implant[0]) > 0, np.transpose(np.flip(reference, axis=0), perm))
+
+
+@pytest.mark.slow
 def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generator):
     """A head CT in HU (the sample skull with soft tissue, a CT table and noise, NRRD int16): detected as a CT,
     the skull mask derived from it is written next to the implant and equals the sample's mask."""

@@ -252,3 +252,30 @@ def test_recipe_overlay_builds_the_shipped_recipe_and_warm_starts_from_init_weig
     ema = parser.get_parsed_content("train#ema").ema_model
     for state in (network.state_dict(), ema.state_dict()):
         assert all(torch.equal(state[k], v) for k, v in start.state_dict().items())
+
+
+def test_training_sees_every_volume_in_ras_order(tmp_path):
+    """The surface transforms orient each mask to RAS before sampling points, as inference does: a pair stored
+    with permuted axes gives the training points of the pair as it was."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    from scripts.data.synthetic import skullbreak_case
+    from scripts.io import save_mask
+
+    parser = ConfigParser()
+    parser.read_config([str(Path(__file__).resolve().parents[1] / f) for f in CONFIG])
+    parser["surface_points"] = 200
+    transform = Compose(parser.get_parsed_content("surface_transforms"))
+    case = skullbreak_case(0, size=40)
+    defective, implant = case.defect("parietotemporal")
+    perm = (1, 2, 0)
+    moved_affine = case.affine.copy()
+    moved_affine[:3, :3] = moved_affine[:3, :3][:, list(perm)]
+    files = {}
+    for name, affine, order in (("ras", case.affine, (0, 1, 2)), ("moved", moved_affine, perm)):
+        files[name] = {key: str(save_mask(tmp_path / f"{name}_{key}.nrrd", np.ascontiguousarray(np.transpose(mask, order)),
+                                          affine)) for key, mask in (("defective", defective), ("implant", implant))}
+    ras, moved = transform(files["ras"]), transform(files["moved"])
+    for key in ("defective_points", "implant_points"):
+        assert torch.equal(ras[key], moved[key])
