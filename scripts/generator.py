@@ -131,8 +131,7 @@ class ImplantGenerator(Inferer):
         rng = np.random.default_rng(self.seed)
         merged, self.mirror_fractions = [], []
         for cloud in clouds:
-            condition = cloud[: self.num_condition]
-            centre = (condition.min(0) + condition.max(0)) / 2.0
+            centre = normalization_params(cloud[: self.num_condition])[0]  # the skull's bounding-box centre
             points, fraction = mirror_guided_points(cloud[self.num_condition :], missing, centre, rng)
             merged.append(points)
             self.mirror_fractions.append(fraction)
@@ -147,8 +146,9 @@ class ImplantGenerator(Inferer):
             self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2),
             normalize_points(targets, center, scale).transpose(1, 2), self.mirror_timestep, generator,
         )
-        clouds = clouds.copy()
-        clouds[changed] = denormalize_points(refined.transpose(1, 2), center, scale).cpu().numpy()
+        clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
+        implant = refined[:, :, self.num_condition :].transpose(1, 2)
+        clouds[changed, self.num_condition :] = denormalize_points(implant, center, scale).cpu().numpy()
         return clouds
 
     @torch.no_grad()
