@@ -282,6 +282,8 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     assert build("ddpm", 1.0).eta == 0.0 and build("dpmpp_2m", 1.0).eta == 0.0 and build("ddim", 0.5).eta == 0.5
     with pytest.raises(ValueError, match="eta must be >= 0, got -0.1"):
         build("ddim", -0.1)
+    with pytest.raises(ValueError, match=r"mirror_timestep must be in \[0, 1000\), got 1000"):
+        ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64, mirror_timestep=1000)
 
 
 @pytest.mark.slow
