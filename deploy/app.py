@@ -93,7 +93,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--device")
     parser.add_argument("--input_type", choices=["auto", "mask", "ct"])
     parser.add_argument("--bone_threshold_hu", type=float)
-    parser.add_argument("--mirror_timestep", type=int)
+    parser.add_argument("--prior_timestep", type=int)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--overwrite", action="store_true")
@@ -101,6 +101,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--no-preview", dest="preview", action="store_false")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--no-mirror-prior", dest="mirror_prior", action="store_false")
+    parser.add_argument("--no-shell-prior", dest="shell_prior", action="store_false")
     overrides, rest = parser.parse_known_args(argv[1:])
     return vars(overrides), argv[:1] + rest
 

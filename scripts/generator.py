@@ -19,7 +19,9 @@ from monai.inferers import Inferer
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.implant import postprocess_ensemble
 from scripts.io import mask3d
-from scripts.mirror import left_right_axis, mirror_guided_points, mirrored_missing_points
+from scripts.mirror import left_right_axis, mirrored_missing_points
+from scripts.priors import merge_prior_points
+from scripts.shell import ShellPrior
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 __all__ = ["ImplantGenerator"]
@@ -46,9 +48,12 @@ class ImplantGenerator(Inferer):
         dilate: dilations of each complete-skull mask (the reference dilates once at 0.4 mm voxels;
             at coarser grids one voxel is a lot of bone, so the small preset uses 0).
         mirror_prior: after sampling, replace each member's implant points in the directions where the
-            skull's mirror image shows missing bone by mirrored points, then denoise the merged points
-            in one step from ``mirror_timestep`` (:mod:`scripts.mirror`); members the mirror does not
-            cover keep their sample.
+            skull's mirror image shows missing bone by mirrored points (:mod:`scripts.mirror`).
+        shell_prior: members the mirror covers less than ``shell_below`` of (defects across the midline)
+            take the smooth-shell estimate across the hole instead (:mod:`scripts.shell`).
+        prior_timestep: members a prior changed are denoised in one step from this timestep, which seats
+            the merged points (None: the merged points are used as they are); members no prior covers keep
+            their sample.
     """
 
     def __init__(
@@ -70,14 +75,16 @@ class ImplantGenerator(Inferer):
         device: str | torch.device = "cpu",
         progress: bool = True,
         mirror_prior: bool = False,
-        mirror_timestep: int = 19,
+        shell_prior: bool = False,
+        prior_timestep: int | None = None,
+        shell_below: float = 0.5,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if not 0 <= mirror_timestep < diffusion.num_timesteps:
-            raise ValueError(f"mirror_timestep must be in [0, {diffusion.num_timesteps}), got {mirror_timestep}")
+        if prior_timestep is not None and not 0 <= prior_timestep < diffusion.num_timesteps:
+            raise ValueError(f"prior_timestep must be in [0, {diffusion.num_timesteps}), got {prior_timestep}")
         self.device = torch.device(device)
         self.denoiser = denoiser.to(self.device).eval()
         self.voxelizer = voxelizer.to(self.device).eval()
@@ -89,8 +96,11 @@ class ImplantGenerator(Inferer):
         self.surface_points = int(surface_points or 4 * num_condition)
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
         self.progress = progress
-        self.mirror_prior, self.mirror_timestep = bool(mirror_prior), int(mirror_timestep)
-        self.mirror_fractions: list[float] = []
+        self.mirror_prior, self.shell_prior = bool(mirror_prior), bool(shell_prior)
+        self.prior_timestep = None if prior_timestep is None else int(prior_timestep)
+        self.shell_below = float(shell_below)
+        self.priors: list[str] = []  # per member of the last run: "mirror", "shell" or "none"
+        self.prior_fractions: list[float] = []
 
     def condition_points(self, defective: np.ndarray) -> np.ndarray:
         """Defective mask (X, Y, Z) -> each member's condition (K, Nc, 3), voxel coords: member k draws
@@ -121,22 +131,41 @@ class ImplantGenerator(Inferer):
         clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
         return clouds, clouds[:, self.num_condition :]
 
-    @torch.no_grad()
-    def mirror_refine(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Completed clouds (K, N, 3) voxel coords -> the same with each member's implant points merged
-        with the mirror's missing-bone points (:func:`~scripts.mirror.mirror_guided_points`) and denoised
-        in one step from ``mirror_timestep``; ``axis``: the grid's left-right axis. Sets
-        ``mirror_fractions``, each member's share of implant points taken from the mirror (0: untouched)."""
-        missing = mirrored_missing_points(defective, axis, seed=self.seed)
+    def merge_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> list[np.ndarray]:
+        """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
+        the missing bone (:func:`~scripts.priors.merge_prior_points`): the mirror's where it covers at least
+        ``shell_below`` of them, else the smooth shell's where that covers more; ``axis``: the grid's
+        left-right axis. Sets ``priors`` and ``prior_fractions`` (share of implant points replaced, 0: kept)."""
+        mirror = mirrored_missing_points(defective, axis, seed=self.seed) if self.mirror_prior else np.empty((0, 3))
         rng = np.random.default_rng(self.seed)
-        merged, self.mirror_fractions = [], []
+        shell, merged, self.priors, self.prior_fractions = None, [], [], []
         for cloud in clouds:
             centre = normalization_params(cloud[: self.num_condition])[0]  # the skull's bounding-box centre
-            points, fraction = mirror_guided_points(cloud[self.num_condition :], missing, centre, rng)
+            implant = cloud[self.num_condition :]
+            points, fraction = merge_prior_points(implant, mirror, centre, rng)
+            prior = "mirror" if fraction > 0 else "none"
+            if self.shell_prior and fraction < self.shell_below:
+                shell = shell or ShellPrior(defective, centre, seed=self.seed)  # rays cast once per case
+                estimate = shell.missing_points(implant)
+                shell_points, shell_fraction = merge_prior_points(implant, estimate, shell.centre, rng)
+                if shell_fraction > fraction:
+                    points, fraction, prior = shell_points, shell_fraction, "shell"
             merged.append(points)
-            self.mirror_fractions.append(fraction)
-        changed = [k for k, f in enumerate(self.mirror_fractions) if f > 0]
+            self.priors.append(prior)
+            self.prior_fractions.append(fraction)
+        return merged
+
+    @torch.no_grad()
+    def apply_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Completed clouds (K, N, 3) voxel coords -> the same with the members' implant points merged with
+        a prior (:meth:`merge_priors`) and, with a ``prior_timestep``, denoised in one step from it."""
+        merged = self.merge_priors(defective, clouds, axis)
+        changed = [k for k, prior in enumerate(self.priors) if prior != "none"]
         if not changed:
+            return clouds
+        if self.prior_timestep is None:
+            clouds = clouds.copy()
+            clouds[changed, self.num_condition :] = np.stack([merged[k] for k in changed])
             return clouds
         conditions = torch.from_numpy(clouds[changed, : self.num_condition]).float().to(self.device)
         targets = torch.from_numpy(np.stack([merged[k] for k in changed])).float().to(self.device)
@@ -144,7 +173,7 @@ class ImplantGenerator(Inferer):
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         refined = self.diffusion.refine(
             self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2),
-            normalize_points(targets, center, scale).transpose(1, 2), self.mirror_timestep, generator,
+            normalize_points(targets, center, scale).transpose(1, 2), self.prior_timestep, generator,
         )
         clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
         implant = refined[:, :, self.num_condition :].transpose(1, 2)
@@ -180,12 +209,12 @@ class ImplantGenerator(Inferer):
         start = time.perf_counter()
         clouds, generated = self.complete_points(defective)
         timings["diffusion"] = time.perf_counter() - start
-        self.mirror_fractions = []
-        if self.mirror_prior:
+        self.priors, self.prior_fractions = [], []
+        if self.mirror_prior or self.shell_prior:
             start = time.perf_counter()
-            clouds = self.mirror_refine(defective, clouds, left_right_axis(getattr(inputs, "affine", None)))
+            clouds = self.apply_priors(defective, clouds, left_right_axis(getattr(inputs, "affine", None)))
             generated = clouds[:, self.num_condition :]
-            timings["mirror"] = time.perf_counter() - start
+            timings["priors"] = time.perf_counter() - start
         start = time.perf_counter()
         grids = self.indicators(clouds, defective.shape)
         timings["voxelization"] = time.perf_counter() - start
@@ -205,5 +234,8 @@ class ImplantGenerator(Inferer):
             "seed": self.seed,
             "device": str(self.device),
             "mirror_prior": self.mirror_prior,
-            "mirror_fraction": [round(f, 3) for f in self.mirror_fractions],
+            "shell_prior": self.shell_prior,
+            "prior_timestep": self.prior_timestep,
+            "prior": self.priors,
+            "prior_fraction": [round(f, 3) for f in self.prior_fractions],
         }

@@ -6,12 +6,9 @@ defective skull's surface points are reflected across the left-right axis and al
 with rigid ICP (Open3D), which absorbs head tilt and an off-centre midline; the mirrored points that
 no point of the skull explains are the mirror's estimate of the missing bone.
 
-:func:`mirror_guided_points` merges that estimate with the points a diffusion sample generated: the
-sample says where the defect is (mirrored points in other directions, from natural asymmetry, are
-dropped), and the sample's points in the directions the mirror covers are replaced by mirrored
-points. Directions are taken from the skull's centre, so a sample that sits a few voxels too far in
-or out is still recognised as covered. A defect that crosses the midline has no intact counterpart
-for its middle part, which keeps the sample's points there.
+The generator merges that estimate into a diffusion sample (:func:`scripts.priors.merge_prior_points`).
+A defect that crosses the midline has no intact counterpart for its middle part: the mirror covers
+little of it, and the generator takes the smooth-shell estimate (:mod:`scripts.shell`) instead.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ from scipy.spatial import cKDTree
 
 from scripts.data.points import mask_to_surface_points, normalization_params
 
-__all__ = ["left_right_axis", "mirrored_missing_points", "mirror_guided_points"]
+__all__ = ["left_right_axis", "mirrored_missing_points"]
 
 
 def left_right_axis(affine: np.ndarray | None) -> int:
@@ -65,43 +62,3 @@ def mirrored_missing_points(
     aligned = mirrored @ fit.transformation[:3, :3].T + fit.transformation[:3, 3]
     distance, _ = cKDTree(points).query(aligned)
     return aligned[distance > unexplained * unit]
-
-
-def _directions(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Unit vectors from ``centre (3,)`` to ``points (N, 3)``."""
-    offsets = points - centre
-    return offsets / np.maximum(np.linalg.norm(offsets, axis=1, keepdims=True), 1e-9)
-
-
-def mirror_guided_points(
-    generated: np.ndarray,
-    missing: np.ndarray,
-    centre: np.ndarray,
-    rng: np.random.Generator,
-    near_rad: float = 0.15,
-    cover_rad: float = 0.08,
-    min_cover: float = 0.1,
-) -> tuple[np.ndarray, float]:
-    """Merge a sample's implant points with the mirror's missing-bone points.
-
-    ``generated (N, 3)`` and ``missing (M, 3)`` in the same coordinates, ``centre (3,)`` the skull's
-    centre. Mirror points whose direction from the centre is more than ``near_rad`` (chord on the unit
-    sphere, about radians) from every generated point are dropped; generated points within
-    ``cover_rad`` of a kept mirror point are "covered" and replaced by as many kept mirror points
-    (drawn by ``rng``). Returns the merged ``(N, 3)`` points and the covered fraction; with less than
-    ``min_cover`` covered, the sample is returned unchanged with fraction 0.
-    """
-    if len(missing) == 0:
-        return generated, 0.0
-    gen_dirs, miss_dirs = _directions(generated, centre), _directions(missing, centre)
-    to_generated, _ = cKDTree(gen_dirs).query(miss_dirs)
-    kept = to_generated <= near_rad
-    if not kept.any():
-        return generated, 0.0
-    to_mirror, _ = cKDTree(miss_dirs[kept]).query(gen_dirs)
-    covered = to_mirror <= cover_rad
-    if covered.sum() < min_cover * len(generated):
-        return generated, 0.0
-    candidates = missing[kept]
-    pick = rng.choice(len(candidates), int(covered.sum()), replace=len(candidates) < covered.sum())
-    return np.concatenate([generated[~covered], candidates[pick]]), float(covered.mean())

@@ -57,9 +57,15 @@ SETTINGS = {
     "DDIM-25 eta=1 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 1.0, "num_samples": 5},
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
-# the same with the mirror prior (configs/inference.json's default since 0.7.0); the rows above run without it
-SETTINGS = {name: {"mirror_prior": False, **setting} for name, setting in SETTINGS.items()}
-SETTINGS.update({f"{name} + mirror": {**setting, "mirror_prior": True} for name, setting in list(SETTINGS.items())})
+# the same with the mirror prior alone (0.7.0's default) and with both priors (configs/inference.json's
+# default since 0.8.0: the mirror, or the smooth shell where the mirror covers less than half); the rows
+# above run without either
+PRIORS_OFF = {"mirror_prior": False, "shell_prior": False}
+SETTINGS = {name: {**PRIORS_OFF, **setting} for name, setting in SETTINGS.items()}
+SETTINGS.update(
+    {f"{name} + {label}": {**setting, **priors} for name, setting in list(SETTINGS.items())
+     for label, priors in (("mirror", {"mirror_prior": True}), ("priors", {"mirror_prior": True, "shell_prior": True}))}
+)
 TRUE_POINTS = "True implant points"
 # name -> Gaussian noise (voxels per axis) added to the true implant points: how much point noise the
 # voxelizer and post-processing tolerate
@@ -156,8 +162,8 @@ def guard_stops(summaries: list[dict]) -> list[str]:
 
 def _row(name: str, report: dict, summaries: list[dict], calls: int | None) -> dict:
     """One table row: mean metrics (and per defect class) from the evaluation report, the most network calls
-    a case took (the summaries' count where they have one, else ``calls``; the mirror prior adds one where
-    it applies), mean seconds per case, and the cases the no-defect guards would have stopped."""
+    a case took (the summaries' count where they have one, else ``calls``; ``--prior_timestep`` adds one where
+    a prior applies), mean seconds per case, and the cases the no-defect guards would have stopped."""
     calls = max((s.get("network_calls", calls) for s in summaries), default=calls)
     mean = {k: v["mean"] for k, v in report["metrics"].items()}
     return {
@@ -197,7 +203,7 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         start = time.perf_counter()
         if name in TRUE_POINT_SETTINGS:
             summaries = _run_true_points(cases, folder, TRUE_POINT_SETTINGS[name], progress=False, seed=seed,
-                                         mirror_prior=False, **overrides)
+                                         **PRIORS_OFF, **overrides)
             setting = {"num_samples": 1, "steps": 0}
         else:
             setting = {"num_samples": 1, **SETTINGS[name]}
