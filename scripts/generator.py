@@ -19,9 +19,8 @@ from monai.inferers import Inferer
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.implant import postprocess_ensemble
 from scripts.io import mask3d
-from scripts.mirror import left_right_axis, mirrored_missing_points
-from scripts.priors import merge_prior_points
-from scripts.shell import ShellPrior
+from scripts.mirror import left_right_axis, mirror_transform
+from scripts.priors import SkullRays, merge_prior_points
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 __all__ = ["ImplantGenerator"]
@@ -48,9 +47,10 @@ class ImplantGenerator(Inferer):
         dilate: dilations of each complete-skull mask (the reference dilates once at 0.4 mm voxels;
             at coarser grids one voxel is a lot of bone, so the small preset uses 0).
         mirror_prior: after sampling, replace each member's implant points in the directions where the
-            skull's mirror image shows missing bone by mirrored points (:mod:`scripts.mirror`).
+            skull's aligned mirror image has bone the skull lacks by points on the mirrored bone, anchored to
+            the bone around the hole (:class:`~scripts.priors.SkullRays`).
         shell_prior: members the mirror covers less than ``shell_below`` of (defects across the midline)
-            take the smooth-shell estimate across the hole instead (:mod:`scripts.shell`).
+            take the skull's shell interpolated across the hole instead.
         prior_timestep: members a prior changed are denoised in one step from this timestep, which seats
             the merged points (None: the merged points are used as they are); members no prior covers keep
             their sample.
@@ -133,21 +133,20 @@ class ImplantGenerator(Inferer):
 
     def merge_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> list[np.ndarray]:
         """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
-        the missing bone (:func:`~scripts.priors.merge_prior_points`): the mirror's where it covers at least
-        ``shell_below`` of them, else the smooth shell's where that covers more; ``axis``: the grid's
-        left-right axis. Sets ``priors`` and ``prior_fractions`` (share of implant points replaced, 0: kept)."""
-        mirror = mirrored_missing_points(defective, axis, seed=self.seed) if self.mirror_prior else np.empty((0, 3))
+        the missing bone (:mod:`scripts.priors`): the mirror's where it covers at least ``shell_below`` of
+        them, else the smooth shell's where that covers more; ``axis``: the grid's left-right axis. Sets
+        ``priors`` and ``prior_fractions`` (share of implant points replaced, 0: kept)."""
+        # rays are cast once per case, from member 0's centre (the bounding-box centre of its condition)
+        centre = normalization_params(clouds[0, : self.num_condition])[0]
+        mirror = mirror_transform(defective, axis, seed=self.seed) if self.mirror_prior else None
+        rays = SkullRays(defective, centre, mirror, seed=self.seed)
         rng = np.random.default_rng(self.seed)
-        shell, merged, self.priors, self.prior_fractions = None, [], [], []
-        for cloud in clouds:
-            centre = normalization_params(cloud[: self.num_condition])[0]  # the skull's bounding-box centre
-            implant = cloud[self.num_condition :]
-            points, fraction = merge_prior_points(implant, mirror, centre, rng)
+        merged, self.priors, self.prior_fractions = [], [], []
+        for implant in clouds[:, self.num_condition :]:
+            points, fraction = merge_prior_points(implant, rays.mirror_points(implant), centre, rng)
             prior = "mirror" if fraction > 0 else "none"
             if self.shell_prior and fraction < self.shell_below:
-                shell = shell or ShellPrior(defective, centre, seed=self.seed)  # rays cast once per case
-                estimate = shell.missing_points(implant)
-                shell_points, shell_fraction = merge_prior_points(implant, estimate, shell.centre, rng)
+                shell_points, shell_fraction = merge_prior_points(implant, rays.shell_points(implant), centre, rng)
                 if shell_fraction > fraction:
                     points, fraction, prior = shell_points, shell_fraction, "shell"
             merged.append(points)

@@ -57,9 +57,10 @@ SETTINGS = {
     "DDIM-25 eta=1 5-member mean": {"sampler": "ddim", "steps": 25, "eta": 1.0, "num_samples": 5},
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
-# the same with the mirror prior alone (0.7.0's default) and with both priors (configs/inference.json's
-# default since 0.8.0: the mirror, or the smooth shell where the mirror covers less than half); the rows
-# above run without either
+# the same with the mirror prior alone and with both priors (configs/inference.json's default since 0.8.0:
+# the mirror, or the smooth shell where the mirror covers less than half); the rows above run without
+# either. The "+ mirror" rows of 0.7.0 in docs/benchmarks.md were made with 0.7.0's mirror (mirrored points
+# seated by a network call), which 0.8.0 replaced
 PRIORS_OFF = {"mirror_prior": False, "shell_prior": False}
 SETTINGS = {name: {**PRIORS_OFF, **setting} for name, setting in SETTINGS.items()}
 SETTINGS.update(
