@@ -154,7 +154,6 @@ class ImplantGenerator(Inferer):
             self.prior_fractions.append(fraction)
         return merged
 
-    @torch.no_grad()
     def apply_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
         """Completed clouds (K, N, 3) voxel coords -> the same with the members' implant points merged with
         a prior (:meth:`merge_priors`) and, with a ``prior_timestep``, denoised in one step from it."""
@@ -162,22 +161,27 @@ class ImplantGenerator(Inferer):
         changed = [k for k, prior in enumerate(self.priors) if prior != "none"]
         if not changed:
             return clouds
-        if self.prior_timestep is None:
-            clouds = clouds.copy()
-            clouds[changed, self.num_condition :] = np.stack([merged[k] for k in changed])
-            return clouds
-        conditions = torch.from_numpy(clouds[changed, : self.num_condition]).float().to(self.device)
-        targets = torch.from_numpy(np.stack([merged[k] for k in changed])).float().to(self.device)
+        implants = np.stack([merged[k] for k in changed])
+        if self.prior_timestep is not None:
+            implants = self.seat(clouds[changed, : self.num_condition], implants)
+        clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
+        clouds[changed, self.num_condition :] = implants
+        return clouds
+
+    @torch.no_grad()
+    def seat(self, conditions: np.ndarray, implants: np.ndarray) -> np.ndarray:
+        """Implant points (K, Nt, 3) with their conditions (K, Nc, 3), voxel coords -> the implant points
+        denoised in one step from ``prior_timestep`` (:meth:`~scripts.diffusion.process.ConditionalDiffusion.refine`)."""
+        conditions = torch.from_numpy(conditions).float().to(self.device)
+        targets = torch.from_numpy(implants).float().to(self.device)
         center, scale = normalization_params(conditions)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         refined = self.diffusion.refine(
             self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2),
             normalize_points(targets, center, scale).transpose(1, 2), self.prior_timestep, generator,
         )
-        clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
         implant = refined[:, :, self.num_condition :].transpose(1, 2)
-        clouds[changed, self.num_condition :] = denormalize_points(implant, center, scale).cpu().numpy()
-        return clouds
+        return denormalize_points(implant, center, scale).cpu().numpy()
 
     @torch.no_grad()
     def indicators(self, clouds: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
