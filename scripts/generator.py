@@ -17,7 +17,7 @@ import torch
 from monai.inferers import Inferer
 
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
-from scripts.implant import postprocess_ensemble
+from scripts.implant import ensemble_mean_and_variance, postprocess_ensemble
 from scripts.io import mask3d
 from scripts.mirror import left_right_axis, mirror_transform
 from scripts.priors import SkullRays, merge_prior_points
@@ -54,6 +54,10 @@ class ImplantGenerator(Inferer):
         prior_timestep: members a prior changed are denoised in one step from this timestep, which seats
             the merged points (None: the merged points are used as they are); members no prior covers keep
             their sample.
+        prior_fill: a member's implant in the directions its prior fills is the prior's bone as voxels
+            (:meth:`fill_priors`) rather than the voxelizer's surface through the merged points, where the
+            prior gave at least ``fill_above`` of its implant points (less: the sample lies mostly on bone,
+            as on a skull without a defect, and the prior's holes are natural openings).
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class ImplantGenerator(Inferer):
         shell_prior: bool = False,
         prior_timestep: int | None = None,
         shell_below: float = 0.5,
+        prior_fill: bool = True,
+        fill_above: float = 0.5,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -99,6 +105,9 @@ class ImplantGenerator(Inferer):
         self.mirror_prior, self.shell_prior = bool(mirror_prior), bool(shell_prior)
         self.prior_timestep = None if prior_timestep is None else int(prior_timestep)
         self.shell_below = float(shell_below)
+        self.prior_fill, self.fill_above = bool(prior_fill), float(fill_above)
+        self.rays: SkullRays | None = None  # of the last run with a prior
+        self.estimates: list = []  # per member of the last run: the prior's RayEstimate or None
         self.priors: list[str] = []  # per member of the last run: "mirror", "shell" or "none"
         self.prior_fractions: list[float] = []
 
@@ -135,23 +144,27 @@ class ImplantGenerator(Inferer):
         """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
         the missing bone (:mod:`scripts.priors`): the mirror's where it covers at least ``shell_below`` of
         them, else the smooth shell's where that covers more; ``axis``: the grid's left-right axis. Sets
-        ``priors`` and ``prior_fractions`` (share of implant points replaced, 0: kept)."""
+        ``priors``, ``prior_fractions`` (share of implant points replaced, 0: kept), ``estimates`` (each
+        member's :class:`~scripts.priors.RayEstimate`, None where no prior applies) and ``rays``."""
         # rays are cast once per case, from member 0's centre (the bounding-box centre of its condition)
         centre = normalization_params(clouds[0, : self.num_condition])[0]
         mirror = mirror_transform(defective, axis, seed=self.seed) if self.mirror_prior else None
-        rays = SkullRays(defective, centre, mirror, seed=self.seed)
+        self.rays = SkullRays(defective, centre, mirror, seed=self.seed)
         rng = np.random.default_rng(self.seed)
-        merged, self.priors, self.prior_fractions = [], [], []
+        merged, self.priors, self.prior_fractions, self.estimates = [], [], [], []
         for implant in clouds[:, self.num_condition :]:
-            points, fraction = merge_prior_points(implant, rays.mirror_points(implant), centre, rng)
+            estimate = self.rays.mirror_estimate(implant)
+            points, fraction = merge_prior_points(implant, self.rays.points(estimate), centre, rng)
             prior = "mirror" if fraction > 0 else "none"
             if self.shell_prior and fraction < self.shell_below:
-                shell_points, shell_fraction = merge_prior_points(implant, rays.shell_points(implant), centre, rng)
+                shell = self.rays.shell_estimate(implant)
+                shell_points, shell_fraction = merge_prior_points(implant, self.rays.points(shell), centre, rng)
                 if shell_fraction > fraction:
-                    points, fraction, prior = shell_points, shell_fraction, "shell"
+                    points, fraction, prior, estimate = shell_points, shell_fraction, "shell", shell
             merged.append(points)
             self.priors.append(prior)
             self.prior_fractions.append(fraction)
+            self.estimates.append(estimate if prior != "none" else None)
         return merged
 
     def apply_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -212,7 +225,7 @@ class ImplantGenerator(Inferer):
         start = time.perf_counter()
         clouds, generated = self.complete_points(defective)
         timings["diffusion"] = time.perf_counter() - start
-        self.priors, self.prior_fractions = [], []
+        self.priors, self.prior_fractions, self.estimates = [], [], []
         if self.mirror_prior or self.shell_prior:
             start = time.perf_counter()
             clouds = self.apply_priors(defective, clouds, left_right_axis(getattr(inputs, "affine", None)))
@@ -223,8 +236,32 @@ class ImplantGenerator(Inferer):
         timings["voxelization"] = time.perf_counter() - start
         start = time.perf_counter()
         result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
+        if self.prior_fill and max(self.prior_fractions, default=0.0) >= self.fill_above:
+            result = self.fill_priors(result, defective)
         timings["postprocessing"] = time.perf_counter() - start
         return {**result, "points": clouds, "timings": timings, "settings": self.settings()}
+
+    def fill_priors(self, result: dict, defective: np.ndarray) -> dict:
+        """The ensemble ``result`` of :func:`~scripts.implant.postprocess_ensemble` with the implant of each
+        member whose prior gave at least ``fill_above`` of its points replaced, in the directions its prior
+        fills, by the prior's bone as voxels (:meth:`~scripts.priors.SkullRays.fill`); the voxelized implant
+        stays elsewhere (the rim of a hole the prior does not reach). The mean implant is then the members'
+        majority vote.
+
+        The prior's bone goes in as voxels, uncleaned: the clean-up's opening is made for the voxelizer's
+        films and specks and thins a 3-4 voxel shell (docs/training.md measures it).
+        """
+        completes, implants = result["completes"].copy(), result["implants"].copy()
+        for k, (estimate, fraction) in enumerate(zip(self.estimates, self.prior_fractions)):
+            if estimate is not None and fraction >= self.fill_above:
+                bone, cone = self.rays.fill(estimate, defective.shape)
+                implants[k] = (bone & ~defective) | (implants[k] & ~cone)
+                completes[k] = (completes[k] & ~cone) | bone | defective
+        if len(implants) == 1:
+            return {**result, "completes": completes, "implants": implants, "implant_mean": implants[0]}
+        mean, probability, variance = ensemble_mean_and_variance(implants)
+        return {**result, "completes": completes, "implants": implants, "implant_mean": mean,
+                "probability": probability, "variance": variance}
 
     def settings(self) -> dict:
         """The sampling settings of the last run, as the case summary reports them."""
@@ -241,4 +278,5 @@ class ImplantGenerator(Inferer):
             "prior_timestep": self.prior_timestep,
             "prior": self.priors,
             "prior_fraction": [round(f, 3) for f in self.prior_fractions],
+            "prior_fill": self.prior_fill,
         }

@@ -2,35 +2,41 @@
 
 Seen from its centre, the cranial vault is a shell: along a direction u the bone spans the radii
 [r_out(u) - thickness(u), r_out(u)], and both change slowly with u. :class:`SkullRays` casts rays from
-the skull's centre and estimates the shell across the hole the sample filled in two ways:
+the skull's centre and estimates the shell across the hole the sample filled in two ways
+(:class:`RayEstimate`):
 
 - **mirror** (one-sided defects): the aligned mirror image of the skull (:mod:`scripts.mirror`) has
-  bone where the defect is. Its outer surface and thickness are read off the same rays, and the outer
-  surface is shifted by the offset between skull and mirror image on the bone around the hole
-  (interpolated into the hole), so that the mirrored bone meets the rim of the hole even where the
-  skull is asymmetric.
+  bone where the defect is. Its thickness is read off the same rays; its outer radius is a weighted mean
+  of the mirror image's, shifted by the offset between skull and mirror image on the bone around the hole
+  (interpolated into the hole, so that the mirrored bone meets the rim even where the skull is
+  asymmetric), and the shell's below (weight 0.3).
 - **shell** (defects across the midline, whose mirror image is the same hole): the outer radius and the
   thickness of the bone around the hole, interpolated into it. Classical cranioplasty planning
   interpolates the vault the same way.
 
 Interpolation is by thin-plate splines over unit directions (scipy's ``RBFInterpolator``). Only the
 holes the sample points at are filled (the sample says where the defect is; the face, skull base and
-orbits stay open), and :func:`merge_prior_points` replaces the sample's points in those directions,
-so the implant's outline comes from the sample and its surface from the prior. The synthetic skulls
-are star-shaped around their centre by construction (scripts/data/synthetic.py), where these priors
-are at their best; real vaults are close to it, the face and skull base are not.
+orbits stay open). An estimate is used twice: as surface points that :func:`merge_prior_points` puts in
+place of the sample's points in its directions (what the voxelizer sees), and as voxels
+(:meth:`SkullRays.fill`) that replace the voxelized implant there. The synthetic skulls are star-shaped
+around their centre by construction (scripts/data/synthetic.py), where these priors are at their best;
+real vaults are close to it, the face and skull base are not.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from scripts.mirror import mirrored_skull
 
-__all__ = ["unit_directions", "merge_prior_points", "sphere_directions", "radial_bone", "SkullRays"]
+__all__ = ["unit_directions", "merge_prior_points", "sphere_directions", "radial_bone", "RayEstimate", "SkullRays"]
 
 
 def unit_directions(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -107,8 +113,20 @@ def radial_bone(mask: np.ndarray, centre: np.ndarray, directions: np.ndarray, st
     return hit, radii[last] + 0.5 * step, radii[first] - 0.5 * step
 
 
+@dataclass
+class RayEstimate:
+    """A prior's bone in a skull's holes: along ``directions[hole]`` of :class:`SkullRays` it spans the radii
+    [outer - thickness, outer] (voxels). ``hole`` (M,) bool over the rays; ``outer``, ``thickness`` (H,) for
+    the H hole rays, thickness >= 1."""
+
+    hole: np.ndarray
+    outer: np.ndarray
+    thickness: np.ndarray
+
+
 class SkullRays:
-    """Rays from a defective skull's centre, and the two priors' estimates of its missing bone.
+    """Rays from a defective skull's centre, and the two priors' estimates of its missing bone
+    (:class:`RayEstimate`), as surface points to merge into a sample and as voxels.
 
     Args:
         defective: ``(X, Y, Z)`` bool mask on an isotropic grid.
@@ -123,12 +141,17 @@ class SkullRays:
             the thickness.
         smoothing: the thin-plate splines' smoothing (voxel-quantised radii are noisy by about half a voxel).
         max_context: rays used per fit (a random subset; the spline's solve is cubic in it).
+        opening_rad, min_opening: :meth:`fill` leaves out the hole rays within ``opening_rad`` of an open
+            region of at least ``min_opening`` steradians that the hole runs into (the orbits of the
+            synthetic skulls span 0.06-0.16 sr, what is left of a defect beyond ``near_rad`` up to 0.03).
+        shell_weight: the shell's weight in the mirror estimate's outer radius (:meth:`mirror_estimate`).
         seed: seeds that subset and the area-weighted thinning of the surface points.
     """
 
     def __init__(self, defective: np.ndarray, centre: np.ndarray, mirror: np.ndarray | None = None,
                  num_directions: int = 20000, near_rad: float = 0.1, context_rad: float = 0.3,
-                 rim_rad: float = 0.05, smoothing: float = 3.0, max_context: int = 1500, seed: int = 0) -> None:
+                 rim_rad: float = 0.05, smoothing: float = 3.0, max_context: int = 1500, opening_rad: float = 0.15,
+                 min_opening: float = 0.05, shell_weight: float = 0.3, seed: int = 0) -> None:
         self.centre = np.asarray(centre, dtype=float)
         self.directions = sphere_directions(num_directions)
         self.hit, self.outer, self.inner = radial_bone(defective, self.centre, self.directions)
@@ -136,6 +159,8 @@ class SkullRays:
                                                               self.directions)
         self.near_rad, self.context_rad, self.rim_rad = near_rad, context_rad, rim_rad
         self.smoothing, self.max_context, self.seed = smoothing, max_context, seed
+        self.opening_rad, self.min_opening, self.shell_weight = opening_rad, min_opening, shell_weight
+        self._tree = cKDTree(self.directions)
 
     def _fit(self, rays: np.ndarray, values: np.ndarray, at: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Thin-plate spline through ``values`` on the ``rays`` (bool, M) directions, evaluated at ``at (H, 3)``."""
@@ -146,47 +171,109 @@ class SkullRays:
                                  smoothing=self.smoothing)
         return spline(at)
 
-    def _hole(self, implant: np.ndarray, open_rays: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The ``open_rays`` (bool, M) within ``near_rad`` of ``implant (N, 3)``'s directions, and every ray's
-        angular distance to them ((M,) bool, (M,))."""
+    def _around(self, implant: np.ndarray, open_rays: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The hole: the ``open_rays`` (bool, M) within ``near_rad`` of ``implant (N, 3)``'s directions; its
+        context: the rays that meet bone within ``context_rad`` of it; and the solid part of the context,
+        farther than ``rim_rad`` from it (rays that do not graze the hole's cut edge). (M,) bool each."""
         to_implant, _ = cKDTree(unit_directions(implant, self.centre)).query(self.directions)
         hole = open_rays & (to_implant <= self.near_rad)
         to_hole = cKDTree(self.directions[hole]).query(self.directions)[0] if hole.any() else np.full(len(hole), np.inf)
-        return hole, to_hole
+        context = self.hit & (to_hole <= self.context_rad)
+        return hole, context, context & (to_hole > self.rim_rad)
 
-    def _surfaces(self, hole: np.ndarray, outer: np.ndarray, thickness: np.ndarray, rng) -> np.ndarray:
-        """``(M, 3)`` points on the outer and inner surfaces along the ``hole`` rays, thinned in proportion
-        to radius squared so that their density per area is even like a sample's."""
-        radius = np.concatenate([outer, outer - np.maximum(thickness, 1.0)])
-        at = self.directions[hole]
+    def points(self, estimate: RayEstimate | None) -> np.ndarray:
+        """``(P, 3)`` voxel coords on the outer and inner surfaces of an ``estimate``'s bone, thinned in
+        proportion to radius squared so that their density per area is even like a sample's; P may be 0."""
+        if estimate is None:
+            return np.empty((0, 3))
+        rng = np.random.default_rng(self.seed)
+        radius = np.concatenate([estimate.outer, estimate.outer - estimate.thickness])
+        at = self.directions[estimate.hole]
         points = self.centre + np.concatenate([at, at]) * radius[:, None]
         return points[rng.random(len(points)) < (radius / radius.max()) ** 2]
 
-    def shell_points(self, implant: np.ndarray) -> np.ndarray:
-        """``(M, 3)`` voxel coords on the outer and inner surfaces of the bone around the holes in the
-        directions of ``implant (N, 3)`` (a sample's implant points), interpolated across them; M may be 0."""
-        rng = np.random.default_rng(self.seed)
-        hole, to_hole = self._hole(implant, ~self.hit)
-        context = self.hit & (to_hole <= self.context_rad)
-        solid = context & (to_hole > self.rim_rad)
-        if hole.sum() == 0 or solid.sum() < 20:  # no hole, or too little bone around it to interpolate
-            return np.empty((0, 3))
-        at = self.directions[hole]
-        outer = self._fit(context, self.outer, at, rng)
-        return self._surfaces(hole, outer, self._fit(solid, self.outer - self.inner, at, rng), rng)
+    def _openings(self, hole: np.ndarray) -> np.ndarray:
+        """(M,) bool: where the ``hole`` (M,) runs into a natural opening (orbit, skull base): the open rays
+        outside the hole next to it that belong to an open region of at least ``min_opening`` steradians."""
+        spacing = 1.6 * np.sqrt(4 * np.pi / len(self.directions))  # neighbouring rays are closer than this
+        others = np.flatnonzero(~self.hit & ~hole)
+        pairs = cKDTree(self.directions[others]).query_pairs(spacing, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(others),) * 2)
+        labels = connected_components(graph, directed=False)[1]
+        large = np.bincount(labels)[labels] * 4 * np.pi / len(self.directions) >= self.min_opening
+        touching = cKDTree(self.directions[hole]).query(self.directions[others])[0] <= spacing
+        openings = np.zeros(len(hole), bool)
+        openings[others] = large & touching
+        return openings
 
-    def mirror_points(self, implant: np.ndarray) -> np.ndarray:
-        """``(M, 3)`` voxel coords on the mirror image's outer and inner surfaces in the holes in the
-        directions of ``implant (N, 3)`` where the mirror image has bone; the outer surface is shifted by
-        the skull-minus-mirror offset of the outer radius on the bone around them, interpolated into them.
-        M may be 0 (no mirror transform, no such hole, or too little bone around it)."""
+    def fill(self, estimate: RayEstimate, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """An ``estimate``'s bone as voxels of a ``shape`` grid: ``bone`` (voxels whose nearest ray is a hole
+        ray and whose radius lies in that ray's [outer - thickness, outer]) and ``cone`` (every voxel whose
+        nearest ray is a hole ray, within 3 voxels of the bone's bounding box: the part of the grid the
+        estimate speaks for), bool ``shape`` each. Hole rays within ``opening_rad`` of where the hole runs into a
+        natural opening (:meth:`_openings`) are left out (the voxelized implant stays there): the sample's
+        points spill into such an opening as densely as they fill the defect, and a filled shell would close it.
+
+        Written here because the estimate is a radial interval per ray, which no voxelizer takes as input.
+        """
+        openings = self._openings(estimate.hole)
+        keep = np.ones(estimate.hole.sum(), bool)
+        if openings.any():
+            keep = cKDTree(self.directions[openings]).query(self.directions[estimate.hole])[0] > self.opening_rad
+        hole = estimate.hole.copy()
+        hole[hole] = keep
+        bone, cone = np.zeros(shape, bool), np.zeros(shape, bool)
+        if not keep.any():
+            return bone, cone
+        outer_kept, thickness_kept = estimate.outer[keep], estimate.thickness[keep]
+        at = self.directions[hole]
+        ends = self.centre + np.concatenate([at * (outer_kept - thickness_kept)[:, None], at * outer_kept[:, None]])
+        low = np.clip(np.floor(ends.min(axis=0)) - 3, 0, None).astype(int)  # the bone's box and 3 voxels around it
+        high = np.minimum(np.ceil(ends.max(axis=0)) + 4, shape).astype(int)
+        index = np.stack(np.meshgrid(*map(np.arange, low, high), indexing="ij"), axis=-1).reshape(-1, 3)
+        offsets = index - self.centre
+        radius = np.linalg.norm(offsets, axis=1)
+        nearest = self._tree.query(offsets / np.maximum(radius, 1e-9)[:, None])[1]
+        ray = np.full(len(self.directions), -1)
+        ray[hole] = np.arange(hole.sum())
+        ray = ray[nearest]
+        in_cone = ray >= 0
+        outer, thickness = outer_kept[ray[in_cone]], thickness_kept[ray[in_cone]]
+        in_bone = (radius[in_cone] <= outer) & (radius[in_cone] >= outer - thickness)
+        cone[tuple(index[in_cone].T)] = True
+        bone[tuple(index[in_cone][in_bone].T)] = True
+        return bone, cone
+
+    def shell_estimate(self, implant: np.ndarray) -> RayEstimate | None:
+        """The bone around the holes in the directions of ``implant (N, 3)`` (a sample's implant points),
+        its outer radius and thickness interpolated across them; None without such a hole or bone around it."""
+        rng = np.random.default_rng(self.seed)
+        hole, context, solid = self._around(implant, ~self.hit)
+        if hole.sum() == 0 or solid.sum() < 20:  # no hole, or too little bone around it to interpolate
+            return None
+        at = self.directions[hole]
+        return RayEstimate(hole, self._fit(context, self.outer, at, rng),
+                           np.maximum(self._fit(solid, self.outer - self.inner, at, rng), 1.0))
+
+    def mirror_estimate(self, implant: np.ndarray) -> RayEstimate | None:
+        """The mirror image's bone in the holes in the directions of ``implant (N, 3)`` where it has bone;
+        None without a mirror transform, such a hole, or bone around it.
+
+        Its outer radius is a weighted mean of two estimates whose errors are independent: the mirror
+        image's, shifted by the skull-minus-mirror offset on the solid bone around the hole (interpolated
+        into it), and, with weight ``shell_weight``, the skull's own outer radius interpolated across the
+        hole (the shell's). Its thickness is the mirror image's.
+        """
         if self.mirror is None:
-            return np.empty((0, 3))
+            return None
         rng = np.random.default_rng(self.seed)
         mirror_hit, mirror_outer, mirror_inner = self.mirror
-        hole, to_hole = self._hole(implant, ~self.hit & mirror_hit)
-        context = self.hit & mirror_hit & (to_hole <= self.context_rad)
-        if hole.sum() < 20 or context.sum() < 20:
-            return np.empty((0, 3))
-        offset = self._fit(context, self.outer - mirror_outer, self.directions[hole], rng)
-        return self._surfaces(hole, mirror_outer[hole] + offset, (mirror_outer - mirror_inner)[hole], rng)
+        hole, _, solid = self._around(implant, ~self.hit & mirror_hit)
+        solid &= mirror_hit
+        if hole.sum() < 20 or solid.sum() < 20:
+            return None
+        at = self.directions[hole]
+        anchored = mirror_outer[hole] + self._fit(solid, self.outer - mirror_outer, at, rng)
+        _, vault_context, _ = self._around(implant, ~self.hit)
+        outer = (1.0 - self.shell_weight) * anchored + self.shell_weight * self._fit(vault_context, self.outer, at, rng)
+        return RayEstimate(hole, outer, np.maximum((mirror_outer - mirror_inner)[hole], 1.0))

@@ -92,7 +92,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert not (implant.bool() & skull.bool()).any()
     assert implant.sum() > 0
     # the implant sits in the defect: nearly all of it within 5 voxels (8 mm) of the true implant, and it
-    # overlaps the truth. The vote of two members is their intersection; the sample's defect is one-sided,
+    # overlaps the truth. The vote of two members is their union (a tie counts); the sample's defect is one-sided,
     # so the mirror prior gives both members most of their points: DSC 0.87 with the shipped weights
     truth = load_mask(TRUTH)
     assert fraction_near(implant, truth, 5) > 0.9
@@ -323,8 +323,8 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
 def test_the_mirror_prior_takes_the_missing_bone_from_the_intact_side(tmp_path, generator):
     """The sample's defect is on one side of the skull: with the priors (the default) most implant points
     come from the skull's mirror image, and the implant matches the truth far better than the diffusion
-    sample alone (DSC 0.88 against 0.34). With ``prior_timestep`` one more network call re-denoises the
-    merged points (0.7.0's default), which moves them off the surface (0.73)."""
+    sample alone (DSC 0.80 against 0.34). With ``prior_timestep`` one more network call re-denoises the
+    merged points (0.7.0's default); the mirror's bone as voxels replaces most of them (0.79)."""
     on = run_case(SAMPLE, tmp_path / "on", generator, stl=False, preview=False)
     seated = run_case(SAMPLE, tmp_path / "seated", _generator(steps=10, prior_timestep=19), stl=False, preview=False)
     off = run_case(SAMPLE, tmp_path / "off", _generator(steps=10, mirror_prior=False, shell_prior=False),
@@ -336,27 +336,32 @@ def test_the_mirror_prior_takes_the_missing_bone_from_the_intact_side(tmp_path, 
     truth = load_mask(TRUTH)[0] > 0
     dsc = {key: dice(load_mask(tmp_path / key / "defective_skull" / "implant.nrrd")[0] > 0, truth)
            for key in ("on", "seated", "off")}
-    assert dsc["on"] > 0.8 and dsc["on"] > dsc["seated"] > dsc["off"] + 0.2
+    assert dsc["on"] > 0.75 and min(dsc["on"], dsc["seated"]) > dsc["off"] + 0.3
 
 
 @pytest.mark.slow
 def test_the_shell_prior_fills_a_defect_across_the_midline(tmp_path, generator):
     """A bilateral defect on a synthetic skull of a seed no training run used: its mirror image is the same
     hole, so the mirror covers little of the sample and the smooth shell across the hole fills it instead.
-    With the shipped weights: DSC 0.84 against 0.54 for the mirror prior alone."""
+    The shell's bone goes into the implant as voxels (``prior_fill``, the default); through the voxelizer
+    alone it scores less. With the shipped weights: DSC 0.87 against 0.85 through the voxelizer and 0.56
+    for the mirror prior alone."""
     from scripts.data.synthetic import skullbreak_case
 
     case = skullbreak_case(2, size=128, seed=4242)
     defective, implant = case.defect("bilateral")
     save_mask(tmp_path / "bilateral.nrrd", defective.astype(np.uint8), case.affine)
     both = run_case(tmp_path / "bilateral.nrrd", tmp_path / "both", generator, stl=False, preview=False)
+    voxelized = run_case(tmp_path / "bilateral.nrrd", tmp_path / "voxelized", _generator(steps=10, prior_fill=False),
+                         stl=False, preview=False)
     mirror = run_case(tmp_path / "bilateral.nrrd", tmp_path / "mirror", _generator(steps=10, shell_prior=False),
                       stl=False, preview=False)
     assert both["prior"] == ["shell"] and both["prior_fraction"][0] > 0.5 and both["network_calls"] == 10
+    assert both["prior_fill"] and not voxelized["prior_fill"] and voxelized["prior"] == ["shell"]
     assert mirror["prior"] != ["shell"] and mirror["prior_fraction"][0] < 0.5
     dsc = {key: dice(np.asarray(load_mask(tmp_path / key / "bilateral" / "implant.nrrd")[0]) > 0, implant)
-           for key in ("both", "mirror")}
-    assert dsc["both"] > 0.75 and dsc["both"] > dsc["mirror"] + 0.1
+           for key in ("both", "voxelized", "mirror")}
+    assert dsc["both"] > dsc["voxelized"] > dsc["mirror"] + 0.1
 
 
 def test_quality_study_counts_the_cases_the_guards_would_stop():

@@ -8,6 +8,7 @@ from scipy.spatial import cKDTree
 
 from scripts.data.points import mask_to_surface_points, normalization_params
 from scripts.data.synthetic import skullbreak_case
+from scripts.metrics import dice
 from scripts.mirror import mirror_transform
 from scripts.priors import SkullRays, merge_prior_points, radial_bone, sphere_directions
 
@@ -78,7 +79,7 @@ def test_the_shell_across_the_hole_lies_on_the_missing_bone(case, kind):
     defective, implant = case.defect(kind)
     truth = mask_to_surface_points(implant, 1000)
     rays = SkullRays(defective, normalization_params(mask_to_surface_points(defective, 3000))[0])
-    estimate = rays.shell_points(truth)
+    estimate = rays.points(rays.shell_estimate(truth))
     assert len(estimate) > 300
     voxels = np.clip(np.round(estimate).astype(int), 0, np.array(implant.shape) - 1)
     assert (distance_transform_edt(~implant)[tuple(voxels.T)] <= 1.5).mean() > 0.9
@@ -97,7 +98,7 @@ def test_no_hole_in_the_sample_s_directions_gives_no_points(case):
     away, _ = cKDTree(implant_dirs).query(directions)
     vault = bone[(away > 0.6) & (directions[:, 2] > 0.3)]  # upper skull far from the defect
     assert len(vault) > 50
-    assert len(SkullRays(defective, centre, near_rad=0.05).shell_points(vault)) == 0
+    assert SkullRays(defective, centre, near_rad=0.05).shell_estimate(vault) is None
 
 
 def _near_truth(points, implant, voxels):
@@ -114,13 +115,13 @@ def test_the_mirror_estimate_lies_on_the_bone_a_one_sided_defect_removed(case):
     truth = mask_to_surface_points(implant, 1000)
     centre = normalization_params(mask_to_surface_points(defective, 3000))[0]
     rays = SkullRays(defective, centre, mirror_transform(defective))
-    estimate = rays.mirror_points(truth)
+    estimate = rays.points(rays.mirror_estimate(truth))
     assert len(estimate) > 300 and _near_truth(estimate, implant, 1.5) > 0.9
     assert np.median(cKDTree(estimate).query(truth)[0]) < 1.5
-    assert len(SkullRays(defective, centre).mirror_points(truth)) == 0
+    assert SkullRays(defective, centre).mirror_estimate(truth) is None
     bilateral, hole = case.defect("bilateral")
     rays = SkullRays(bilateral, centre, mirror_transform(bilateral))
-    assert len(rays.mirror_points(mask_to_surface_points(hole, 1000))) < 0.2 * len(estimate)
+    assert len(rays.points(rays.mirror_estimate(mask_to_surface_points(hole, 1000)))) < 0.2 * len(estimate)
 
 
 def test_the_mirror_estimate_meets_the_rim_of_the_hole_where_the_skull_is_asymmetric(case):
@@ -133,5 +134,42 @@ def test_the_mirror_estimate_meets_the_rim_of_the_hole_where_the_skull_is_asymme
     rays = SkullRays(defective, centre, mirror_transform(defective))
     hit, outer, inner = rays.mirror
     rays.mirror = (hit, outer + 2.0, inner + 2.0)
-    shifted = rays.mirror_points(truth)
+    shifted = rays.points(rays.mirror_estimate(truth))
     assert _near_truth(shifted, implant, 1.5) > 0.9
+
+
+@pytest.mark.parametrize("kind, prior, min_dice", [("bilateral", "shell", 0.85), ("parietotemporal", "mirror", 0.7)])
+def test_the_estimate_as_voxels_is_the_true_implant(case, kind, prior, min_dice):
+    """Given the true implant's directions, the prior's bone as voxels overlaps the true implant (the
+    64^3 implants are 2-3 voxels thick), lies inside the cone it speaks for and off the skull's bone."""
+    defective, implant = case.defect(kind)
+    centre = normalization_params(mask_to_surface_points(defective, 3000))[0]
+    rays = SkullRays(defective, centre, mirror_transform(defective))
+    estimate = getattr(rays, f"{prior}_estimate")(mask_to_surface_points(implant, 1000))
+    bone, cone = rays.fill(estimate, defective.shape)
+    assert dice(bone, implant) > min_dice
+    assert not (bone & ~cone).any() and not (bone & defective).any()
+    assert (implant & cone).sum() > 0.9 * implant.sum()
+
+
+def test_the_fill_stops_short_of_a_natural_opening_the_hole_runs_into():
+    """A shell between radii 20 and 25 with a defect on its side (directions with x > 0.6, z > -0.45) that
+    runs into a wide opening at its bottom (z < -0.4, like the skull base or an orbit). The sample's points
+    cover the defect, so the hole (open rays within ``near_rad`` of them) reaches into the opening: the fill
+    puts bone in the defect but not in the opening, which it closes with the rule off (``min_opening``
+    larger than the sphere)."""
+    grid = np.stack(np.meshgrid(*[np.arange(64)] * 3, indexing="ij"), axis=-1) - 31.5
+    radius = np.linalg.norm(grid, axis=-1)
+    x, z = grid[..., 0] / np.maximum(radius, 1e-9), grid[..., 2] / np.maximum(radius, 1e-9)
+    vault = (radius >= 20) & (radius <= 25)
+    defect, opening = vault & (x > 0.6) & (z > -0.45), vault & (z < -0.4)
+    skull = vault & ~defect & ~opening
+    centre = np.full(3, 31.5)
+    rays = SkullRays(skull, centre)
+    estimate = rays.shell_estimate(np.argwhere(defect & (radius > 24)).astype(float))
+    assert rays.directions[estimate.hole][:, 2].min() < -0.5  # the hole reaches into the opening
+    bone = rays.fill(estimate, skull.shape)[0]
+    assert dice(bone & (z > -0.2), defect & (z > -0.2)) > 0.8  # the defect away from the opening
+    assert (bone & opening).sum() <= 5
+    closing = SkullRays(skull, centre, min_opening=20.0).fill(estimate, skull.shape)[0]
+    assert (closing & opening).sum() > 200

@@ -58,14 +58,18 @@ SETTINGS = {
     "DDIM-10 eta=1 5-member mean": {"sampler": "ddim", "steps": 10, "eta": 1.0, "num_samples": 5},
 }
 # the same with the mirror prior alone and with both priors (configs/inference.json's default since 0.8.0:
-# the mirror, or the smooth shell where the mirror covers less than half); the rows above run without
-# either. The "+ mirror" rows of 0.7.0 in docs/benchmarks.md were made with 0.7.0's mirror (mirrored points
-# seated by a network call), which 0.8.0 replaced
+# the mirror, or the smooth shell where the mirror covers less than half), their bone as voxels (the
+# default since 0.9.0) or through the voxelizer alone ("priors via voxelizer", 0.8.0); the rows above run
+# without either. The "+ mirror" rows of 0.7.0 in docs/benchmarks.md were made with 0.7.0's mirror
+# (mirrored points seated by a network call), which 0.8.0 replaced
 PRIORS_OFF = {"mirror_prior": False, "shell_prior": False}
+PRIORS = {"mirror": {"mirror_prior": True, "prior_fill": True},
+          "priors": {"mirror_prior": True, "shell_prior": True, "prior_fill": True},
+          "priors via voxelizer": {"mirror_prior": True, "shell_prior": True, "prior_fill": False}}
 SETTINGS = {name: {**PRIORS_OFF, **setting} for name, setting in SETTINGS.items()}
 SETTINGS.update(
     {f"{name} + {label}": {**setting, **priors} for name, setting in list(SETTINGS.items())
-     for label, priors in (("mirror", {"mirror_prior": True}), ("priors", {"mirror_prior": True, "shell_prior": True}))}
+     for label, priors in PRIORS.items()}
 )
 TRUE_POINTS = "True implant points"
 # name -> Gaussian noise (voxels per axis) added to the true implant points: how much point noise the
