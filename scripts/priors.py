@@ -150,7 +150,7 @@ class SkullRays:
 
     def __init__(self, defective: np.ndarray, centre: np.ndarray, mirror: np.ndarray | None = None,
                  num_directions: int = 20000, near_rad: float = 0.1, context_rad: float = 0.3,
-                 rim_rad: float = 0.05, smoothing: float = 3.0, max_context: int = 1500, opening_rad: float = 0.15,
+                 rim_rad: float = 0.05, smoothing: float = 1.0, max_context: int = 1500, opening_rad: float = 0.15,
                  min_opening: float = 0.05, shell_weight: float = 0.3, seed: int = 0) -> None:
         self.centre = np.asarray(centre, dtype=float)
         self.directions = sphere_directions(num_directions)

@@ -87,19 +87,19 @@ def plot(curves: dict[str, str], out: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_dsc, ax_chamfer) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_dsc, ax_chamfer) = plt.subplots(1, 2, figsize=(11, 5.5))
     for label, path in curves.items():
         rows = json.loads(Path(path).read_text())
         scored = [r for r in rows if r.get("dsc") is not None]
         ax_dsc.plot([r["cpu_hours"] for r in scored], [r["dsc"] for r in scored], "o-", label=label)
         measured = [r for r in rows if r.get("val_chamfer") is not None]
         ax_chamfer.plot([r["cpu_hours"] for r in measured], [r["val_chamfer"] for r in measured], "o-", label=label)
-    ax_dsc.set(xlabel="CPU-hours (one core)", ylabel="held-out DSC (DDIM-50)", ylim=(0, 1))
+    ax_dsc.set(xlabel="CPU-hours (one core)", ylabel="held-out DSC (10 study cases)", ylim=(0, 1))
     ax_chamfer.set(xlabel="CPU-hours (one core)", ylabel="val Chamfer (voxels, DDIM-20)", yscale="log")
     for ax in (ax_dsc, ax_chamfer):
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    fig.legend(*ax_dsc.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)  # one legend, below both
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     path = atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110), overwrite=True)
     plt.close(fig)
     return path
