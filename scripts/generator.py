@@ -236,7 +236,7 @@ class ImplantGenerator(Inferer):
         timings["voxelization"] = time.perf_counter() - start
         start = time.perf_counter()
         result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
-        if self.prior_fill and max(self.prior_fractions, default=0.0) >= self.fill_above:
+        if self.prior_fill:
             result = self.fill_priors(result, defective)
         timings["postprocessing"] = time.perf_counter() - start
         return {**result, "points": clouds, "timings": timings, "settings": self.settings()}
@@ -246,17 +246,20 @@ class ImplantGenerator(Inferer):
         member whose prior gave at least ``fill_above`` of its points replaced, in the directions its prior
         fills, by the prior's bone as voxels (:meth:`~scripts.priors.SkullRays.fill`); the voxelized implant
         stays elsewhere (the rim of a hole the prior does not reach). The mean implant is then the members'
-        majority vote.
+        majority vote. Without such a member the result is returned as it is.
 
         The prior's bone goes in as voxels, uncleaned: the clean-up's opening is made for the voxelizer's
         films and specks and thins a 3-4 voxel shell (docs/training.md measures it).
         """
+        filled = [k for k, (estimate, fraction) in enumerate(zip(self.estimates, self.prior_fractions))
+                  if estimate is not None and fraction >= self.fill_above]
+        if not filled:  # the result stays as the voxelizer made it, mean implant included
+            return result
         completes, implants = result["completes"].copy(), result["implants"].copy()
-        for k, (estimate, fraction) in enumerate(zip(self.estimates, self.prior_fractions)):
-            if estimate is not None and fraction >= self.fill_above:
-                bone, cone = self.rays.fill(estimate, defective.shape)
-                implants[k] = (bone & ~defective) | (implants[k] & ~cone)
-                completes[k] = (completes[k] & ~cone) | bone | defective
+        for k in filled:
+            bone, cone = self.rays.fill(self.estimates[k], defective.shape)
+            implants[k] = (bone & ~defective) | (implants[k] & ~cone)
+            completes[k] = (completes[k] & ~cone) | bone | defective
         if len(implants) == 1:
             return {**result, "completes": completes, "implants": implants, "implant_mean": implants[0]}
         mean, probability, variance = ensemble_mean_and_variance(implants)
