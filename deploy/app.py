@@ -103,6 +103,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--no-mirror-prior", dest="mirror_prior", action="store_false")
     parser.add_argument("--no-shell-prior", dest="shell_prior", action="store_false")
     parser.add_argument("--no-prior-fill", dest="prior_fill", action="store_false")
+    parser.add_argument("--no-mirrored-openings", dest="mirrored_openings", action="store_false")
     overrides, rest = parser.parse_known_args(argv[1:])
     return vars(overrides), argv[:1] + rest
 

@@ -58,6 +58,9 @@ class ImplantGenerator(Inferer):
             (:meth:`fill_priors`) rather than the voxelizer's surface through the merged points, where the
             prior gave at least ``fill_above`` of its implant points (less: the sample lies mostly on bone,
             as on a skull without a defect, and the prior's holes are natural openings).
+        mirrored_openings: with ``mirror_prior``, each member's implant leaves out the directions where the
+            skull and its mirror image are both open and the mirror image of its sample has no points
+            (:meth:`~scripts.priors.SkullRays.mirrored_openings`: an orbit the sample spilled into).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ImplantGenerator(Inferer):
         shell_below: float = 0.5,
         prior_fill: bool = True,
         fill_above: float = 0.5,
+        mirrored_openings: bool = True,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -106,6 +110,7 @@ class ImplantGenerator(Inferer):
         self.prior_timestep = None if prior_timestep is None else int(prior_timestep)
         self.shell_below = float(shell_below)
         self.prior_fill, self.fill_above = bool(prior_fill), float(fill_above)
+        self.mirrored_openings = bool(mirrored_openings)
         self.rays: SkullRays | None = None  # of the last run with a prior
         self.estimates: list = []  # per member of the last run: the prior's RayEstimate or None
         self.priors: list[str] = []  # per member of the last run: "mirror", "shell" or "none"
@@ -238,6 +243,8 @@ class ImplantGenerator(Inferer):
         result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
         if self.prior_fill:
             result = self.fill_priors(result, defective)
+        if self.mirror_prior and self.mirrored_openings:
+            result = self.clear_openings(result, generated)
         timings["postprocessing"] = time.perf_counter() - start
         return {**result, "points": clouds, "timings": timings, "settings": self.settings()}
 
@@ -260,6 +267,20 @@ class ImplantGenerator(Inferer):
             bone, cone = self.rays.fill(self.estimates[k], defective.shape)
             implants[k] = (bone & ~defective) | (implants[k] & ~cone)
             completes[k] = (completes[k] & ~cone) | bone | defective
+        return self._with_members(result, completes, implants)
+
+    def clear_openings(self, result: dict, generated: np.ndarray) -> dict:
+        """The ensemble ``result`` with each member's implant (and complete skull) cleared of the natural
+        openings its implant points ``generated`` (K, Nt, 3) spilled into, as the mirror shows them
+        (:meth:`~scripts.priors.SkullRays.clear_openings`); the mean implant is then the members' majority vote."""
+        implants = np.stack([self.rays.clear_openings(mask, points) for mask, points in zip(result["implants"], generated)])
+        completes = result["completes"] & ~(result["implants"] & ~implants)
+        return self._with_members(result, completes, implants)
+
+    @staticmethod
+    def _with_members(result: dict, completes: np.ndarray, implants: np.ndarray) -> dict:
+        """``result`` with new member masks (K, X, Y, Z) and, for K > 1, the mean implant, probability and
+        variance made from them (:func:`~scripts.implant.ensemble_mean_and_variance`)."""
         if len(implants) == 1:
             return {**result, "completes": completes, "implants": implants, "implant_mean": implants[0]}
         mean, probability, variance = ensemble_mean_and_variance(implants)
@@ -282,4 +303,5 @@ class ImplantGenerator(Inferer):
             "prior": self.priors,
             "prior_fraction": [round(f, 3) for f in self.prior_fractions],
             "prior_fill": self.prior_fill,
+            "mirrored_openings": self.mirror_prior and self.mirrored_openings,
         }

@@ -21,6 +21,10 @@ place of the sample's points in its directions (what the voxelizer sees), and as
 (:meth:`SkullRays.fill`) that replace the voxelized implant there. The synthetic skulls are star-shaped
 around their centre by construction (scripts/data/synthetic.py), where these priors are at their best;
 real vaults are close to it, the face and skull base are not.
+
+The mirror also tells natural openings from a one-sided defect (:meth:`SkullRays.mirrored_openings`): an
+orbit is open on both sides of the skull, and the sample has no points at its mirror image, while a
+one-sided defect has bone there.
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ class SkullRays:
         self.hit, self.outer, self.inner = radial_bone(defective, self.centre, self.directions)
         self.mirror = None if mirror is None else radial_bone(mirrored_skull(defective, mirror), self.centre,
                                                               self.directions)
+        self.mirror_transform = mirror
         self.near_rad, self.context_rad, self.rim_rad = near_rad, context_rad, rim_rad
         self.smoothing, self.max_context, self.seed = smoothing, max_context, seed
         self.opening_rad, self.min_opening, self.shell_weight = opening_rad, min_opening, shell_weight
@@ -206,6 +211,38 @@ class SkullRays:
         openings[others] = large & touching
         return openings
 
+    def _nearest_rays(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Voxel coords ``index (V, 3)`` -> the index of each one's nearest ray (V,) and its radius (V,)."""
+        offsets = index - self.centre
+        radius = np.linalg.norm(offsets, axis=1)
+        return self._tree.query(offsets / np.maximum(radius, 1e-9)[:, None])[1], radius
+
+    def mirrored_openings(self, implant: np.ndarray) -> np.ndarray:
+        """(M,) bool: natural openings by symmetry, the open rays whose mirror image is open too and farther
+        than ``near_rad`` from the mirror image of every point of ``implant (N, 3)`` (a sample's implant points).
+
+        An orbit is open on both sides and the sample does not point at the other orbit; a one-sided
+        defect's mirror image is bone, and a defect across the midline is its own mirror image, which the
+        sample covers. All False without a mirror transform.
+        """
+        if self.mirror is None:
+            return np.zeros(len(self.directions), bool)
+        mirrored = implant @ self.mirror_transform[:3, :3].T + self.mirror_transform[:3, 3]
+        to_mirrored, _ = cKDTree(unit_directions(mirrored, self.centre)).query(self.directions)
+        return ~self.hit & ~self.mirror[0] & (to_mirrored > self.near_rad)
+
+    def clear_openings(self, mask: np.ndarray, implant: np.ndarray) -> np.ndarray:
+        """``mask (X, Y, Z)`` bool (an implant) without its voxels whose nearest ray is one of the
+        :meth:`mirrored_openings` of ``implant (N, 3)``: the sample's spill into an orbit, which the
+        voxelizer and the shell would otherwise close."""
+        openings = self.mirrored_openings(implant)
+        index = np.argwhere(mask)
+        if not openings.any() or not len(index):
+            return mask
+        cleared = mask.copy()
+        cleared[tuple(index[openings[self._nearest_rays(index)[0]]].T)] = False
+        return cleared
+
     def fill(self, estimate: RayEstimate, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """An ``estimate``'s bone as voxels of a ``shape`` grid: ``bone`` (voxels whose nearest ray is a hole
         ray and whose radius lies in that ray's [outer - thickness, outer]) and ``cone`` (every voxel whose
@@ -231,9 +268,7 @@ class SkullRays:
         low = np.clip(np.floor(ends.min(axis=0)) - 3, 0, None).astype(int)  # the bone's box and 3 voxels around it
         high = np.minimum(np.ceil(ends.max(axis=0)) + 4, shape).astype(int)
         index = np.stack(np.meshgrid(*map(np.arange, low, high), indexing="ij"), axis=-1).reshape(-1, 3)
-        offsets = index - self.centre
-        radius = np.linalg.norm(offsets, axis=1)
-        nearest = self._tree.query(offsets / np.maximum(radius, 1e-9)[:, None])[1]
+        nearest, radius = self._nearest_rays(index)
         ray = np.full(len(self.directions), -1)
         ray[hole] = np.arange(hole.sum())
         ray = ray[nearest]

@@ -173,3 +173,41 @@ def test_the_fill_stops_short_of_a_natural_opening_the_hole_runs_into():
     assert (bone & opening).sum() <= 5
     closing = SkullRays(skull, centre, min_opening=20.0).fill(estimate, skull.shape)[0]
     assert (closing & opening).sum() > 200
+
+
+def test_an_opening_open_on_both_sides_is_cleared_from_the_implant():
+    """A shell between radii 20 and 25 with two orbits mirror images of each other (x is the left-right
+    axis) and a one-sided defect next to the right orbit. The sample's points cover the defect and spill
+    into the right orbit: the orbit is open on both sides and the sample has no points at its mirror image,
+    so its voxels are cleared from the implant while the defect's (bone in the mirror image) stay. A defect
+    across the midline is its own mirror image and the sample covers it: nothing of it is cleared, and
+    without a mirror transform nothing is."""
+    grid = np.stack(np.meshgrid(*[np.arange(64)] * 3, indexing="ij"), axis=-1) - 31.5
+    radius = np.linalg.norm(grid, axis=-1)
+    unit = grid / np.maximum(radius, 1e-9)[..., None]
+    vault = (radius >= 20) & (radius <= 25)
+
+    def cap(direction, chord):
+        direction = np.asarray(direction, float) / np.linalg.norm(direction)
+        return vault & (np.linalg.norm(unit - direction, axis=-1) < chord)
+
+    right, left = cap([0.4, 0.9, -0.2], 0.3), cap([-0.4, 0.9, -0.2], 0.3)
+    defect, midline = cap([0.75, 0.6, 0.2], 0.35) & ~right, cap([0.0, 0.3, 0.95], 0.4)
+    centre = np.full(3, 31.5)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = 63.0  # voxel i -> 63 - i: the exact mirror image of this grid
+    assert (defect.sum(), right.sum()) > (500, 500)
+
+    skull = vault & ~right & ~left & ~defect
+    spilled = np.argwhere((defect | right) & (radius > 24)).astype(float)
+    rays = SkullRays(skull, centre, flip)
+    cleared = rays.clear_openings(defect | right, spilled)
+    assert (cleared & right).sum() < 0.15 * right.sum()  # what is left: rim voxels whose ray grazes bone
+    assert not (cleared & cap([0.4, 0.9, -0.2], 0.2)).any()
+    assert (cleared & defect).sum() > 0.95 * defect.sum()
+    assert not SkullRays(skull, centre).mirrored_openings(spilled).any()
+
+    skull = vault & ~right & ~left & ~midline
+    rays = SkullRays(skull, centre, flip)
+    on_midline = np.argwhere(midline & (radius > 24)).astype(float)
+    assert rays.clear_openings(midline, on_midline).sum() > 0.99 * midline.sum()
