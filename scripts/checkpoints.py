@@ -42,8 +42,8 @@ def prune_rolling_checkpoints(ckpt_dir: str | os.PathLike, n_saved: int) -> None
         path.unlink(missing_ok=True)
 
 
-def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, set[str]] | None:
-    """(path, names of the stored objects) of the newest loadable checkpoint in ckpt_dir, or None;
+def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, dict] | None:
+    """(path, stored objects, tensors memory-mapped) of the newest loadable checkpoint in ckpt_dir, or None;
     see :func:`latest_checkpoint`."""
     latest, latest_iteration = None, -1
     for path in checkpoint_files(ckpt_dir):
@@ -54,7 +54,7 @@ def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, set[str]] | No
             logger.warning("skipping unreadable checkpoint %s: %s", path, err)
             continue
         if iteration >= latest_iteration:
-            latest, latest_iteration = (str(path), set(stored)), iteration
+            latest, latest_iteration = (str(path), stored), iteration
     return latest
 
 
@@ -75,13 +75,22 @@ def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: 
 
     load_dict must include the trainer so the iteration/epoch counters resume too.
     A checkpoint written before the configs had an ``lr_scheduler`` resumes without it (the schedule
-    restarts, with a warning); any other missing object raises ValueError naming the file.
+    restarts, with a warning); any other missing object raises ValueError naming the file. A stored
+    schedule of another kind (e.g. a run of a constant-rate recipe resumed under a step schedule)
+    passes on only its step counters, with a warning: loading it whole would overwrite the config's
+    schedule (a stored ``gamma`` of 1.0 would silently cancel every later decay).
     """
     newest = _newest_checkpoint(ckpt_dir)
     if newest is None:
         return []
     path, stored = newest
-    missing = sorted(set(load_dict) - stored)
+    load_dict = dict(load_dict)
+    scheduler = load_dict.get("lr_scheduler")
+    if scheduler is not None and "lr_scheduler" in stored and set(stored["lr_scheduler"]) != set(scheduler.state_dict()):
+        logger.warning("checkpoint %s holds a learning-rate schedule of another kind: resuming its step counter "
+                       "under this config's %s", path, type(scheduler).__name__)
+        load_dict["lr_scheduler"] = _ScheduleCounters(scheduler)
+    missing = sorted(set(load_dict) - set(stored))
     if set(missing) - OPTIONAL_CHECKPOINT_OBJECTS:
         raise ValueError(f"checkpoint {path} lacks {missing} (stored: {sorted(stored)}); it does not belong to "
                          "this training config: move it out of the checkpoint folder to start afresh")
@@ -90,6 +99,19 @@ def resume_handlers(ckpt_dir: str | os.PathLike, load_dict: dict, map_location: 
     logger.info("resuming from %s", path)
     load = {k: v for k, v in load_dict.items() if k not in missing}
     return [CheckpointLoader(load_path=path, load_dict=load, map_location=map_location)]
+
+
+class _ScheduleCounters:
+    """Loads only the step counters of a stored scheduler state into ``scheduler`` (see :func:`resume_handlers`)."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.last_epoch, self.scheduler._step_count = state["last_epoch"], state["_step_count"]
 
 
 def attach_checkpointing(

@@ -145,6 +145,36 @@ def test_resume_from_a_checkpoint_without_lr_scheduler(tmp_path, caplog):
         attach_checkpointing(Engine(step(net, opt)), tmp_path, {"network": net, "optimizer": opt}, interval=4)
 
 
+def test_resume_under_a_schedule_of_another_kind_keeps_the_configs_schedule(tmp_path, caplog):
+    """A constant-rate run (ExponentialLR, gamma 1) resumed under a step schedule: the stored gamma must
+    not overwrite the new schedule's; its epoch counter carries on, so the step lands at its epoch."""
+    from ignite.engine import Engine, Events
+
+    def run(make_scheduler, epochs):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(net.parameters(), 1e-2)
+        scheduler = make_scheduler(opt)
+
+        def update(engine, batch):
+            opt.zero_grad()
+            (net(batch) ** 2).mean().backward()
+            opt.step()
+
+        engine = Engine(update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
+        attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt, "lr_scheduler": scheduler}, interval=2)
+        engine.run([torch.ones(2, 3)] * 2, max_epochs=epochs)
+        return opt, scheduler
+
+    run(lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0), epochs=2)
+    with caplog.at_level("WARNING"):
+        opt, scheduler = run(lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3], gamma=0.5), epochs=4)
+    assert "schedule of another kind" in caplog.text
+    assert scheduler.gamma == 0.5 and scheduler.last_epoch == 4
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # one step, at epoch 3
+
+
 def _checkpointed_linear_engine(ckpt_dir, keep_interval: int):
     """An ignite Engine fitting a Linear(3, 1) by SGD, checkpointed every 2 iterations into ckpt_dir."""
     from ignite.engine import Engine
