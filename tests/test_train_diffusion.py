@@ -145,39 +145,10 @@ def test_resume_from_a_checkpoint_without_lr_scheduler(tmp_path, caplog):
         attach_checkpointing(Engine(step(net, opt)), tmp_path, {"network": net, "optimizer": opt}, interval=4)
 
 
-def test_resume_under_a_schedule_of_another_kind_keeps_the_configs_schedule(tmp_path, caplog):
-    """A constant-rate run (ExponentialLR, gamma 1) resumed under a step schedule: the stored gamma must
-    not overwrite the new schedule's; its epoch counter carries on, so the step lands at its epoch."""
+def _checkpointed_linear_engine(ckpt_dir, keep_interval: int | None = None, make_scheduler=None):
+    """An ignite Engine fitting a Linear(3, 1) by SGD, checkpointed every 2 iterations into ckpt_dir; with
+    ``make_scheduler(optimizer)``, a learning-rate schedule stepped every epoch and checkpointed too."""
     from ignite.engine import Engine, Events
-
-    def run(make_scheduler, epochs):
-        torch.manual_seed(0)
-        net = torch.nn.Linear(3, 1)
-        opt = torch.optim.SGD(net.parameters(), 1e-2)
-        scheduler = make_scheduler(opt)
-
-        def update(engine, batch):
-            opt.zero_grad()
-            (net(batch) ** 2).mean().backward()
-            opt.step()
-
-        engine = Engine(update)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
-        attach_checkpointing(engine, tmp_path, {"network": net, "optimizer": opt, "lr_scheduler": scheduler}, interval=2)
-        engine.run([torch.ones(2, 3)] * 2, max_epochs=epochs)
-        return opt, scheduler
-
-    run(lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0), epochs=2)
-    with caplog.at_level("WARNING"):
-        opt, scheduler = run(lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3], gamma=0.5), epochs=4)
-    assert "schedule of another kind" in caplog.text
-    assert scheduler.gamma == 0.5 and scheduler.last_epoch == 4
-    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # one step, at epoch 3
-
-
-def _checkpointed_linear_engine(ckpt_dir, keep_interval: int):
-    """An ignite Engine fitting a Linear(3, 1) by SGD, checkpointed every 2 iterations into ckpt_dir."""
-    from ignite.engine import Engine
 
     net = torch.nn.Linear(3, 1)
     opt = torch.optim.SGD(net.parameters(), 1e-2)
@@ -188,8 +159,33 @@ def _checkpointed_linear_engine(ckpt_dir, keep_interval: int):
         opt.step()
 
     engine = Engine(update)
-    attach_checkpointing(engine, ckpt_dir, {"network": net, "optimizer": opt}, interval=2, keep_interval=keep_interval)
+    objects = {"network": net, "optimizer": opt}
+    if make_scheduler is not None:
+        objects["lr_scheduler"] = scheduler = make_scheduler(opt)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
+    attach_checkpointing(engine, ckpt_dir, objects, interval=2, keep_interval=keep_interval)
     return engine
+
+
+def test_resume_under_a_schedule_of_another_kind_keeps_the_configs_schedule(tmp_path, caplog):
+    """A constant-rate run (ExponentialLR, gamma 1) resumed under a step schedule: the stored gamma must
+    not overwrite the new schedule's; its epoch counter carries on, so the step lands at its epoch."""
+    data = [torch.ones(2, 3)] * 2
+    constant_rate = _checkpointed_linear_engine(
+        tmp_path, make_scheduler=lambda opt: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0))
+    constant_rate.run(data, max_epochs=2)
+    made = []
+
+    def step_schedule(opt):
+        made.append(torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3], gamma=0.5))
+        return made[-1]
+
+    with caplog.at_level("WARNING"):
+        _checkpointed_linear_engine(tmp_path, make_scheduler=step_schedule).run(data, max_epochs=4)
+    scheduler = made[0]
+    assert "schedule of another kind" in caplog.text
+    assert scheduler.gamma == 0.5 and scheduler.last_epoch == 4
+    assert scheduler.optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)  # one step, at epoch 3
 
 
 def test_kept_checkpoints_stay_and_are_never_resumed_from(tmp_path):
