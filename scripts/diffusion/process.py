@@ -129,13 +129,14 @@ class ConditionalDiffusion:
         return snr.clamp(max=self.snr_gamma) / factor
 
     def training_loss(
-        self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
+        self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None,
+        pairing: str | None = None,
     ) -> torch.Tensor:
         """Weighted MSE of the prediction (noise, x0 or v) on the generated points, plus
         ``shape_loss_weight`` x the squared Chamfer distance of the implied x0; t ~ U{0..T-1} per sample.
 
         x0: (B, 3, N) clean cloud, condition first. The noise is paired with the target points as
-        set by ``pairing``. Returns a scalar.
+        set by ``pairing`` (None: this process's own). Returns a scalar.
         """
         _check_cloud(x0, "x0")
         b, _, n = x0.shape
@@ -144,7 +145,7 @@ class ConditionalDiffusion:
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
         target = x0[:, :, num_condition:]
         noise = torch.randn(target.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        noise = pair_noise(noise, target, self.pairing)
+        noise = pair_noise(noise, target, pairing or self.pairing)
         noisy = self.q_sample(x0, t, noise, num_condition)
         out = model(noisy, t)[:, :, num_condition:]
         if self.prediction_type == "sample":
