@@ -10,11 +10,13 @@ the bundle version that wrote the file. Training checkpoints keep their state di
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from monai.bundle import ConfigParser
 
 from scripts.io import atomic_write
 
@@ -41,6 +43,34 @@ def read_weights_file(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch's errors for a cut-short or foreign file do not name it
         raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): {err}") from err
+
+
+def training_recipe(config: str | os.PathLike | Sequence[str | os.PathLike],
+                    meta_file: str | os.PathLike = Path(__file__).resolve().parents[1] / "configs" / "metadata.json") -> dict:
+    """The resolved ``recipe`` of the training config(s), with ``bundle_version`` from ``meta_file``."""
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in ([config] if isinstance(config, (str, os.PathLike)) else config)])
+    if "recipe" not in parser:
+        raise KeyError(f"{config}: no 'recipe' entry; pass the training config(s) the checkpoint was trained with")
+    return {**parser.get_parsed_content("recipe"), "bundle_version": json.loads(Path(meta_file).read_text())["version"]}
+
+
+def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike,
+                   config: str | os.PathLike | Sequence[str | os.PathLike], key: str = "network",
+                   overwrite: bool = False) -> Path:
+    """Save ``checkpoint[key]`` (a state dict: "network" or "ema_network") with the recipe of ``config``
+    to ``out``, atomically.
+
+    Raises KeyError naming the checkpoint and its keys when ``key`` is not there, FileExistsError
+    when ``out`` exists and not ``overwrite``.
+    """
+    state = read_weights_file(checkpoint)
+    if not isinstance(state, dict) or not isinstance(state.get(key), dict):
+        if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise KeyError(f"{checkpoint}: is a bare state dict; export the training checkpoint it came from")
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise KeyError(f"{checkpoint}: no state dict under {key!r} (has {keys})")
+    return save_weights(out, state[key], training_recipe(config), overwrite=overwrite)
 
 
 def recipe_of(stored) -> dict | None:

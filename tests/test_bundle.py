@@ -41,6 +41,7 @@ OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
             "recipes/denoiser_small.json": [["train_diffusion.json"]],
             "recipes/denoiser_small_skip.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/denoiser_small_b16.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
+            "recipes/denoiser_small_decay.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
 # the training configs of the shipped weights, by the inference.json recipe they must match
 SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_b16.json"],
@@ -95,7 +96,7 @@ def test_shipped_recipes_are_what_inference_expects():
     """The recipe overlays of the shipped weights build the recipes inference.json checks the weights
     against (so training and inference cannot drift apart silently), and the shipped files carry them."""
     from scripts.weights import read_recipe
-    from tools.export_weights import training_recipe
+    from scripts.weights import training_recipe
 
     infer = ConfigParser()
     infer.read_config(str(CONFIGS / "inference.json"))
@@ -105,6 +106,16 @@ def test_shipped_recipes_are_what_inference_expects():
         assert trained["name"] == Path(layers[-1]).stem and {k: trained[k] for k in wanted} == wanted
         shipped = ROOT / "models" / ("model.pt" if expected == "denoiser_recipe" else "model_voxelizer.pt")
         assert read_recipe(shipped)["name"] == trained["name"]
+
+
+def test_staged_training_command_ends_with_the_shipped_denoiser_recipe():
+    """configs/train_denoiser_small.json (all stages in one command): its last stage trains with the
+    configs of the shipped denoiser's recipe, so its result passes inference.json's recipe check."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train_denoiser_small.json"))
+    parser["bundle_root"] = str(ROOT)
+    last = [*parser.get_parsed_content("trainer_configs"), *parser.get_parsed_content("stages")[-1]["configs"]]
+    assert [Path(c).resolve() for c in last] == [CONFIGS / c for c in (TRAIN_BASE, *SHIPPED["denoiser_recipe"])]
 
 
 def test_deploy_app_version_is_the_bundle_version():

@@ -13,7 +13,7 @@ from scripts.diffusion.process import ConditionalDiffusion
 from scripts.diffusion.samplers import data_prediction
 from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
 from scripts.weights import load_weights, read_recipe, save_weights
-from tools.export_weights import export_weights
+from scripts.weights import export_weights
 from tools.x0_to_v import x0_to_v
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from scripts.checkpoints import KEPT_FOLDER, checkpoint_files
 from scripts.evaluate import evaluate_predictions
 from scripts.io import atomic_write
-from tools.export_weights import export_weights
+from scripts.weights import export_weights
 from tools.quality_study import GUARDS_OFF, SETTINGS, _run, held_out_cases
 
 RECIPE = ("configs/train_base.json", "configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
