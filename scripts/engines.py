@@ -45,7 +45,8 @@ class DiffusionTrainStep:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         # Ignite counts iterations from 1 and has already counted this one
-        pairing = "independent" if engine.state.iteration <= self.independent_iterations else None
+        independent = self.independent_iterations > 0 and engine.state.iteration <= self.independent_iterations
+        pairing = "independent" if independent else None
         loss = self.diffusion.training_loss(engine.network, x0, num_condition, pairing=pairing)
         loss.backward()
         engine.optimizer.step()
