@@ -322,9 +322,10 @@ def test_true_implant_points_give_the_voxelizer_upper_bound(tmp_path):
 @pytest.mark.slow
 def test_the_mirror_prior_takes_the_missing_bone_from_the_intact_side(tmp_path, generator):
     """The sample's defect is on one side of the skull: with the priors (the default) most implant points
-    come from the skull's mirror image, and the implant matches the truth far better than the diffusion
-    sample alone (DSC 0.82 against 0.34). With ``prior_timestep`` one more network call re-denoises the
-    merged points (0.7.0's default); the mirror's bone as voxels replaces most of them, so it scores about the same."""
+    come from the skull's mirror image, and the implant matches the truth better than the diffusion
+    sample alone (shipped 0.12.0 weights: DSC 0.82 against 0.69; the 0.6.1 weights: 0.82 against 0.34). With
+    ``prior_timestep`` one more network call re-denoises the merged points (0.7.0's default); the mirror's
+    bone as voxels replaces most of them, so it scores about the same (0.80)."""
     on = run_case(SAMPLE, tmp_path / "on", generator, stl=False, preview=False)
     seated = run_case(SAMPLE, tmp_path / "seated", _generator(steps=10, prior_timestep=19), stl=False, preview=False)
     off = run_case(SAMPLE, tmp_path / "off", _generator(steps=10, mirror_prior=False, shell_prior=False),
@@ -336,7 +337,7 @@ def test_the_mirror_prior_takes_the_missing_bone_from_the_intact_side(tmp_path, 
     truth = load_mask(TRUTH)[0] > 0
     dsc = {key: dice(load_mask(tmp_path / key / "defective_skull" / "implant.nrrd")[0] > 0, truth)
            for key in ("on", "seated", "off")}
-    assert dsc["on"] > 0.75 and min(dsc["on"], dsc["seated"]) > dsc["off"] + 0.3
+    assert dsc["on"] > 0.75 and min(dsc["on"], dsc["seated"]) > dsc["off"] + 0.05
 
 
 @pytest.mark.slow
@@ -344,7 +345,7 @@ def test_the_shell_prior_fills_a_defect_across_the_midline(tmp_path, generator):
     """A bilateral defect on a synthetic skull of a seed no training run used: its mirror image is the same
     hole, so the mirror covers little of the sample and the smooth shell across the hole fills it instead.
     The shell's bone goes into the implant as voxels (``prior_fill``, the default); through the voxelizer
-    alone it scores less. With the shipped weights: DSC 0.91 against 0.88 through the voxelizer and 0.55
+    alone it scores less. With the 0.6.1 weights: DSC 0.91 against 0.88 through the voxelizer and 0.55
     for the mirror prior alone."""
     from scripts.data.synthetic import skullbreak_case
 
