@@ -93,7 +93,6 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--device")
     parser.add_argument("--input_type", choices=["auto", "mask", "ct"])
     parser.add_argument("--bone_threshold_hu", type=float)
-    parser.add_argument("--prior_timestep", type=int)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--overwrite", action="store_true")

@@ -51,9 +51,6 @@ class ImplantGenerator(Inferer):
             the bone around the hole (:class:`~scripts.priors.SkullRays`).
         shell_prior: members the mirror covers less than ``shell_below`` of (defects across the midline)
             take the skull's shell interpolated across the hole instead.
-        prior_timestep: members a prior changed are denoised in one step from this timestep, which seats
-            the merged points (None: the merged points are used as they are); members no prior covers keep
-            their sample.
         prior_fill: a member's implant in the directions its prior fills is the prior's bone as voxels
             (:meth:`fill_priors`) rather than the voxelizer's surface through the merged points, where the
             prior gave at least ``fill_above`` of its implant points (less: the sample lies mostly on bone,
@@ -83,7 +80,6 @@ class ImplantGenerator(Inferer):
         progress: bool = True,
         mirror_prior: bool = False,
         shell_prior: bool = False,
-        prior_timestep: int | None = None,
         shell_below: float = 0.5,
         prior_fill: bool = True,
         fill_above: float = 0.5,
@@ -93,8 +89,6 @@ class ImplantGenerator(Inferer):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if prior_timestep is not None and not 0 <= prior_timestep < diffusion.num_timesteps:
-            raise ValueError(f"prior_timestep must be in [0, {diffusion.num_timesteps}), got {prior_timestep}")
         self.device = torch.device(device)
         self.denoiser = denoiser.to(self.device).eval()
         self.voxelizer = voxelizer.to(self.device).eval()
@@ -107,7 +101,6 @@ class ImplantGenerator(Inferer):
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
         self.progress = progress
         self.mirror_prior, self.shell_prior = bool(mirror_prior), bool(shell_prior)
-        self.prior_timestep = None if prior_timestep is None else int(prior_timestep)
         self.shell_below = float(shell_below)
         self.prior_fill, self.fill_above = bool(prior_fill), float(fill_above)
         self.mirrored_openings = bool(mirrored_openings)
@@ -174,32 +167,14 @@ class ImplantGenerator(Inferer):
 
     def apply_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
         """Completed clouds (K, N, 3) voxel coords -> the same with the members' implant points merged with
-        a prior (:meth:`merge_priors`) and, with a ``prior_timestep``, denoised in one step from it."""
+        a prior (:meth:`merge_priors`)."""
         merged = self.merge_priors(defective, clouds, axis)
         changed = [k for k, prior in enumerate(self.priors) if prior != "none"]
         if not changed:
             return clouds
-        implants = np.stack([merged[k] for k in changed])
-        if self.prior_timestep is not None:
-            implants = self.seat(clouds[changed, : self.num_condition], implants)
         clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
-        clouds[changed, self.num_condition :] = implants
+        clouds[changed, self.num_condition :] = np.stack([merged[k] for k in changed])
         return clouds
-
-    @torch.no_grad()
-    def seat(self, conditions: np.ndarray, implants: np.ndarray) -> np.ndarray:
-        """Implant points (K, Nt, 3) with their conditions (K, Nc, 3), voxel coords -> the implant points
-        denoised in one step from ``prior_timestep`` (:meth:`~scripts.diffusion.process.ConditionalDiffusion.refine`)."""
-        conditions = torch.from_numpy(conditions).float().to(self.device)
-        targets = torch.from_numpy(implants).float().to(self.device)
-        center, scale = normalization_params(conditions)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        refined = self.diffusion.refine(
-            self.denoiser, normalize_points(conditions, center, scale).transpose(1, 2),
-            normalize_points(targets, center, scale).transpose(1, 2), self.prior_timestep, generator,
-        )
-        implant = refined[:, :, self.num_condition :].transpose(1, 2)
-        return denormalize_points(implant, center, scale).cpu().numpy()
 
     @torch.no_grad()
     def indicators(self, clouds: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
@@ -299,7 +274,6 @@ class ImplantGenerator(Inferer):
             "device": str(self.device),
             "mirror_prior": self.mirror_prior,
             "shell_prior": self.shell_prior,
-            "prior_timestep": self.prior_timestep,
             "prior": self.priors,
             "prior_fraction": [round(f, 3) for f in self.prior_fractions],
             "prior_fill": self.prior_fill,

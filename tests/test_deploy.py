@@ -79,14 +79,13 @@ def test_overrides_are_inference_config_keys(app_module):
         ["app.py", "--preset", "small", "--num_samples", "2", "--sampler", "ddpm", "--steps", "1", "--eta", "0.5",
          "--seed", "1", "--device", "cpu", "--denoiser_weights", "d.pt", "--voxelizer_weights", "v.pt", "--overwrite",
          "--no-stl", "--no-preview", "--no-progress", "--input_type", "ct", "--bone_threshold_hu", "300",
-         "--no-mirror-prior", "--no-shell-prior", "--no-prior-fill", "--no-mirrored-openings",
-         "--prior_timestep", "49"]
+         "--no-mirror-prior", "--no-shell-prior", "--no-prior-fill", "--no-mirrored-openings"]
     )[0]
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     assert set(every) <= set(config)
     assert every["denoiser_weights"] == str(Path("d.pt").resolve())
     assert every["input_type"] == "ct" and every["bone_threshold_hu"] == 300.0
-    assert every["mirror_prior"] is False and every["shell_prior"] is False and every["prior_timestep"] == 49
+    assert every["mirror_prior"] is False and every["shell_prior"] is False
     assert every["prior_fill"] is False and every["mirrored_openings"] is False
 
 

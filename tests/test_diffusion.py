@@ -191,26 +191,3 @@ def test_chamfer_distance_rejects_bad_shapes():
         chamfer_distance(torch.zeros(2, 5, 3), torch.zeros(3, 5, 3))
     with pytest.raises(ValueError, match="empty"):
         chamfer_distance(torch.zeros(1, 0, 3), torch.zeros(1, 5, 3))
-
-
-@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
-def test_refine_noises_the_given_points_once_and_returns_the_x0_estimate(prediction_type):
-    """refine (the mirror prior's step): the network sees the condition un-noised and the target noised to
-    the timestep with OT-paired noise from the generator, and the result is its x0 estimate."""
-    torch.manual_seed(0)
-    diff, nc = ConditionalDiffusion(prediction_type=prediction_type), 6
-    condition, target = torch.randn(2, 3, nc), torch.randn(2, 3, 10)
-    spy = ConditionSpy(PointMLP(), nc, 0.0)
-    out = diff.refine(spy, condition, target, 19, generator=torch.Generator().manual_seed(1))
-    assert out.shape == (2, 3, nc + 10) and torch.equal(out[:, :, :nc], condition)
-    assert len(spy.inputs) == 1 and torch.equal(spy.inputs[0][:, :, :nc], condition)
-
-    noise = pair_noise(torch.randn(2, 3, 10, generator=torch.Generator().manual_seed(1)), target, "ot")
-    abar = diff.alphas_cumprod[19]
-    noisy = abar.sqrt() * target + (1 - abar).sqrt() * noise
-    torch.testing.assert_close(spy.inputs[0][:, :, nc:], noisy)
-    pred = spy.model(spy.inputs[0], torch.full((2,), 19))[:, :, nc:]
-    torch.testing.assert_close(out[:, :, nc:], data_prediction(pred, noisy, abar.sqrt(), (1 - abar).sqrt(), prediction_type))
-    assert torch.equal(out, diff.refine(spy, condition, target, 19, generator=torch.Generator().manual_seed(1)))
-    with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\), got 1000"):
-        diff.refine(spy, condition, target, 1000)

@@ -167,8 +167,7 @@ def guard_stops(summaries: list[dict]) -> list[str]:
 
 def _row(name: str, report: dict, summaries: list[dict], calls: int | None) -> dict:
     """One table row: mean metrics (and per defect class) from the evaluation report, the most network calls
-    a case took (the summaries' count where they have one, else ``calls``; ``--prior_timestep`` adds one where
-    a prior applies), mean seconds per case, and the cases the no-defect guards would have stopped."""
+    a case took (the summaries' count where they have one, else ``calls``), mean seconds per case, and the cases the no-defect guards would have stopped."""
     calls = max((s.get("network_calls", calls) for s in summaries), default=calls)
     mean = {k: v["mean"] for k, v in report["metrics"].items()}
     return {

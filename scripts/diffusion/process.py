@@ -213,35 +213,3 @@ class ConditionalDiffusion:
             x = dpmpp_2m_loop(model_fn, x, self.alphas_cumprod, steps, spacing, progress, self.clip_x0, self.prediction_type)
         self.last_model_calls = calls
         return torch.cat([condition, x], dim=2)
-
-    @torch.no_grad()
-    def refine(
-        self,
-        model,
-        condition: torch.Tensor,
-        target: torch.Tensor,
-        timestep: int,
-        generator: torch.Generator | None = None,
-        pairing: str = "ot",
-    ) -> torch.Tensor:
-        """One denoising step for given target points (SDEdit, Meng et al. 2022): noise ``target
-        (B, 3, Nt)`` to ``timestep`` (noise paired with the points by ``pairing``, as in training),
-        let the network estimate the clean points -> ``(B, 3, Nc + Nt)`` with ``condition (B, 3, Nc)``
-        first. A small timestep keeps the points' shape and lets the network smooth and seat them.
-        """
-        _check_cloud(condition, "condition")
-        _check_cloud(target, "target")
-        if not 0 <= timestep < self.num_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.num_timesteps}), got {timestep}")
-        noise = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        t = torch.full((target.shape[0],), timestep, dtype=torch.long, device=target.device)
-        noisy = self.q_sample(torch.cat([condition, target], dim=2), t, pair_noise(noise, target, pairing),
-                              condition.shape[2])
-        alpha_bar = float(self.alphas_cumprod[timestep])
-        nc = condition.shape[2]
-        x0 = data_prediction(model(noisy, t)[:, :, nc:], noisy[:, :, nc:], alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5,
-                             self.prediction_type)
-        if self.clip_x0 is not None:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-        self.last_model_calls += 1
-        return torch.cat([condition, x0], dim=2)
