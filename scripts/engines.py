@@ -23,31 +23,20 @@ def points_batch(batch: dict, device: torch.device, condition_key: str, target_k
 class DiffusionTrainStep:
     """``iteration_update`` of the diffusion trainer: one optimiser step on the denoising loss.
 
-    The batch holds "condition" (B, Nc, 3) and "target" (B, Nt, 3) normalised points. The first
-    ``independent_iterations`` iterations of the run pair noise and target points independently (the
-    paper's pairing), the rest as the diffusion process is set; the engine's iteration counter decides,
-    so a resumed run switches at the same iteration.
+    The batch holds "condition" (B, Nc, 3) and "target" (B, Nt, 3) normalised points.
     """
 
-    def __init__(
-        self, diffusion, condition_key: str = "condition", target_key: str = "target", independent_iterations: int = 0
-    ) -> None:
-        if independent_iterations < 0:
-            raise ValueError(f"independent_iterations must be >= 0, got {independent_iterations}")
+    def __init__(self, diffusion, condition_key: str = "condition", target_key: str = "target") -> None:
         self.diffusion = diffusion
         self.condition_key = condition_key
         self.target_key = target_key
-        self.independent_iterations = independent_iterations
 
     def __call__(self, engine, batch: dict) -> dict:
         x0 = points_batch(batch, engine.state.device, self.condition_key, self.target_key)
         num_condition = batch[self.condition_key].shape[1]
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        # Ignite counts iterations from 1 and has already counted this one
-        independent = self.independent_iterations > 0 and engine.state.iteration <= self.independent_iterations
-        pairing = "independent" if independent else None
-        loss = self.diffusion.training_loss(engine.network, x0, num_condition, pairing=pairing)
+        loss = self.diffusion.training_loss(engine.network, x0, num_condition)
         loss.backward()
         engine.optimizer.step()
         return {CommonKeys.LOSS: loss.detach()}

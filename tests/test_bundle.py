@@ -39,7 +39,6 @@ TRAINERS = ["train_diffusion.json", "train_voxelizer.json"]  # layers on TRAIN_B
 # overlay -> the layers it goes on (after TRAIN_BASE), as users run them
 OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
             "recipes/denoiser_small.json": [["train_diffusion.json"]],
-            "recipes/denoiser_small_skip.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/denoiser_small_b16.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/denoiser_small_decay.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
@@ -126,17 +125,3 @@ def test_deploy_app_version_is_the_bundle_version():
     assigned = next(n.value for n in cls.body if isinstance(n, ast.Assign) and n.targets[0].id == "version")
     assert ast.unparse(assigned) == "bundle_version(APP_BUNDLE)"
     assert str(yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())["application"]["version"]) == version
-
-
-@pytest.mark.parametrize("max_change", [0.0, 0.1])
-def test_scale_augmentation_enters_training_preprocessing_only(max_change):
-    from scripts.data.points import RandScalePointsd
-
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / TRAIN_BASE), str(CONFIGS / "train_diffusion.json")])
-    parser["scale_augmentation"] = max_change
-    train, val = (parser.get_parsed_content(f"{k}#preprocessing").transforms for k in ("train", "validate"))
-    stretches = [t for t in train if isinstance(t, RandScalePointsd)]
-    assert len(stretches) == (max_change > 0) and not any(isinstance(t, RandScalePointsd) for t in val)
-    if stretches:
-        assert stretches[0].max_change == max_change and list(stretches[0].keys) == ["defective_points", "implant_points"]

@@ -5,9 +5,7 @@ import pytest
 import torch
 
 from scripts.diffusion.chamfer import chamfer_distance
-from scripts.diffusion.pairing import pair_noise
 from scripts.diffusion.process import ConditionalDiffusion
-from scripts.diffusion.samplers import data_prediction
 
 
 class PointMLP(torch.nn.Module):
@@ -113,40 +111,6 @@ def test_training_loss_targets_of_other_prediction_types(prediction_type):
     target = x0[:, :, nc:]
     goal = target if prediction_type == "sample" else abar.sqrt() * noise - (1 - abar).sqrt() * target
     torch.testing.assert_close(loss, ((out - goal) ** 2).mean())
-
-
-@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
-def test_shape_loss_adds_weighted_chamfer_of_the_x0_estimate(prediction_type):
-    torch.manual_seed(0)
-    net, nc, x0 = PointMLP(), 6, torch.randn(3, 3, 16)
-    plain, shaped = (ConditionalDiffusion(prediction_type=prediction_type, shape_loss_weight=w) for w in (0.0, 2.5))
-    losses = [d.training_loss(net, x0, nc, generator=torch.Generator().manual_seed(1)) for d in (plain, shaped)]
-    g = torch.Generator().manual_seed(1)
-    t = torch.randint(0, 1000, (3,), generator=g)
-    noise = torch.randn(3, 3, 10, generator=g)
-    xt = plain.q_sample(x0, t, noise, nc)
-    abar = plain.alphas_cumprod[t][:, None, None]
-    x0_hat = data_prediction(net(xt, t)[:, :, nc:], xt[:, :, nc:], abar.sqrt(), (1 - abar).sqrt(), prediction_type)
-    chamfer = chamfer_distance(x0_hat.transpose(1, 2), x0[:, :, nc:].transpose(1, 2)).mean()
-    torch.testing.assert_close(losses[1] - losses[0], 2.5 * chamfer)
-    losses[1].backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
-
-
-def test_shape_loss_ignores_point_order():
-    """A model that returns the true generated points in another order: MSE > 0, shape term 0."""
-    nc, x0 = 4, torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(0))
-    order = torch.randperm(8, generator=torch.Generator().manual_seed(1))
-
-    def shuffled_truth(x, t):
-        return torch.cat([x[:, :, :nc], x0[:, :, nc:][:, :, order]], dim=2)
-
-    plain, shaped = (ConditionalDiffusion(prediction_type="sample", shape_loss_weight=w) for w in (0.0, 3.0))
-    a, b = (d.training_loss(shuffled_truth, x0, nc, generator=torch.Generator().manual_seed(2)) for d in (plain, shaped))
-    assert a > 0.1
-    torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="shape_loss_weight"):
-        ConditionalDiffusion(shape_loss_weight=-1.0)
 
 
 def test_prediction_type_is_checked():

@@ -9,12 +9,9 @@ import pytest
 import torch
 from monai.bundle import load
 
-from scripts.diffusion.process import ConditionalDiffusion
-from scripts.diffusion.samplers import data_prediction
 from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
 from scripts.weights import load_weights, read_recipe, save_weights
 from scripts.weights import export_weights
-from tools.x0_to_v import x0_to_v
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = [str(ROOT / "configs" / f) for f in ("train_base.json", "train_diffusion.json", "recipes/denoiser_small.json")]
@@ -79,34 +76,3 @@ def test_monai_bundle_load_reads_the_shipped_weights(tmp_path):
     assert isinstance(net, PVCNN2Denoiser)
     shipped = torch.load(ROOT / "models" / "model.pt", weights_only=True)["network"]
     assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped.items())
-
-
-def test_x0_to_v_keeps_the_x0_networks_prediction_at_high_noise(tmp_path):
-    """tools.x0_to_v: read as v-prediction, the converted network's x0 estimate at t = T - 1 is the
-    x0 network's output; its recipe says v_prediction; a file that is not x0 is refused."""
-    torch.manual_seed(0)
-    net = PVCNN2Denoiser("tiny").eval()
-    x0_file = tmp_path / "x0.pt"
-    save_weights(x0_file, net.state_dict(), {"name": "denoiser_tiny", "preset": "tiny", "prediction_type": "sample"})
-    v_file = x0_to_v(x0_file, tmp_path / "v.pt")
-    assert read_recipe(v_file)["prediction_type"] == "v_prediction"
-    v_net = load_weights(PVCNN2Denoiser("tiny"), v_file).eval()
-
-    abar = ConditionalDiffusion(num_train_timesteps=1000).alphas_cumprod
-    n = PRESETS["tiny"]["num_points"]
-    for t in (999, 500):
-        x = 2 * torch.randn(2, 3, n)
-        steps = torch.full((2,), t)
-        with torch.no_grad():
-            x0_net, v_out = net(x, steps), v_net(x, steps)
-        alpha, sigma = float(abar[t].sqrt()), float((1 - abar[t]).sqrt())
-        from_v = data_prediction(v_out, x, alpha, sigma, "v_prediction")
-        assert torch.allclose(v_out, -x0_net, atol=1e-6)
-        gap = (from_v - x0_net).abs().max().item()
-        if t == 999:  # abar ~ 4e-5: x0 = sqrt(abar) x - sqrt(1 - abar) v ~ -v
-            assert gap < 0.05
-        else:  # at mid noise the skip term matters: the conversion is only a starting point there
-            assert gap > 0.5
-
-    with pytest.raises(ValueError, match=r"v.pt: needs an x0-prediction \('sample'\) weights file"):
-        x0_to_v(v_file, tmp_path / "again.pt")

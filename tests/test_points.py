@@ -13,7 +13,6 @@ from skimage.measure import marching_cubes
 from scripts.data.points import (
     JitterPointsd,
     NormalizePointsd,
-    RandScalePointsd,
     SamplePointsd,
     SurfacePointsd,
     denormalize_points,
@@ -200,25 +199,6 @@ def test_jitter_points():
     assert noisy.dtype == torch.float32 and noisy.shape == pts.shape
     assert abs(float((noisy - pts).std()) - 0.05) < 0.005
     torch.testing.assert_close(JitterPointsd("p", sigma=0.05).set_random_state(0)({"p": pts})["p"], noisy)
-
-
-def test_rand_scale_stretches_all_keys_alike_about_the_first_centroid():
-    g = torch.Generator().manual_seed(0)
-    skull, implant = torch.randn(500, 3, generator=g) * 10 + 5, torch.randn(60, 3, generator=g) + 15
-    stretch = RandScalePointsd(["skull", "implant"], max_change=0.2).set_random_state(3)
-    out = stretch({"skull": skull, "implant": implant})
-    f = stretch._factors
-    assert np.all(np.abs(f - 1) <= 0.2) and np.ptp(f) > 0.01  # one factor per axis, not isotropic
-    centre = skull.double().mean(0).numpy()
-    for key, pts in (("skull", skull), ("implant", implant)):
-        assert out[key].dtype == torch.float32
-        np.testing.assert_allclose(out[key].numpy(), (pts.numpy() - centre) * f + centre, atol=1e-4)
-    np.testing.assert_allclose(out["skull"].double().mean(0).numpy(), centre, atol=1e-4)  # centroid stays
-    again = RandScalePointsd(["skull", "implant"], max_change=0.2).set_random_state(3)({"skull": skull, "implant": implant})
-    torch.testing.assert_close(again["implant"], out["implant"])  # seeded
-    assert RandScalePointsd(["skull"], 0.2, prob=0.0)({"skull": skull})["skull"] is skull
-    with pytest.raises(ValueError, match="max_change"):
-        RandScalePointsd(["skull"], max_change=1.5)
 
 
 def test_compose_chain_on_nrrd_and_collate(tmp_path):

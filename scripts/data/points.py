@@ -31,7 +31,6 @@ __all__ = [
     "SamplePointsd",
     "NormalizePointsd",
     "JitterPointsd",
-    "RandScalePointsd",
 ]
 
 _COORDS = ("voxel", "physical")
@@ -324,44 +323,4 @@ class JitterPointsd(Randomizable, MapTransform):
             keep, noise = self._draws[key]
             points = d[key]
             d[key] = points[keep] + convert_to_dst_type(noise, points, dtype=points.dtype)[0]
-        return d
-
-
-class RandScalePointsd(Randomizable, MapTransform):
-    """Stretch the point sets of ``keys`` (each (N, 3)) by one random factor per axis, drawn from
-    U[1 - ``max_change``, 1 + ``max_change``], about the centroid of the first key; all keys get the
-    same factors, so condition and target stay registered. Applied with probability ``prob``.
-
-    An anisotropic stretch changes the skull's curvature, which normalisation (centre and one
-    isotropic scale) keeps; the denoiser then has to read the shape from the condition.
-    """
-
-    def __init__(self, keys: KeysCollection, max_change: float = 0.1, prob: float = 1.0,
-                 allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if not 0 <= max_change < 1 or not 0 <= prob <= 1:
-            raise ValueError(f"need 0 <= max_change < 1 and 0 <= prob <= 1, got {max_change}, {prob}")
-        self.max_change, self.prob = max_change, prob
-        self._factors: np.ndarray | None = None
-
-    def randomize(self, data=None) -> None:
-        """Draw the (3,) factors, or None (no stretch) with probability 1 - prob."""
-        apply = self.R.random() < self.prob
-        factors = self.R.uniform(1 - self.max_change, 1 + self.max_change, 3)
-        self._factors = factors if apply else None
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        self.randomize()
-        if self._factors is None or not keys:
-            return d
-        centre = convert_to_numpy(d[keys[0]], dtype=np.float64).mean(axis=0)
-        affine = np.diag([*self._factors, 1.0])
-        affine[:3, 3] = centre * (1 - self._factors)  # x -> f * (x - centre) + centre
-        for key in keys:
-            points = d[key]
-            stretched = apply_affine_to_points(torch.as_tensor(points, dtype=torch.float64).reshape(1, -1, 3),
-                                               torch.as_tensor(affine)).reshape(-1, 3)
-            d[key] = convert_to_dst_type(stretched, points, dtype=points.dtype)[0]
         return d

@@ -10,12 +10,10 @@ from __future__ import annotations
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from scripts.diffusion.chamfer import chamfer_distance
 from scripts.diffusion.pairing import PAIRINGS, pair_noise
-from scripts.diffusion.samplers import PREDICTION_TYPES, data_prediction, ddim_loop, ddpm_loop, dpmpp_2m_loop
+from scripts.diffusion.samplers import PREDICTION_TYPES, ddim_loop, ddpm_loop, dpmpp_2m_loop
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm: always T
 DEFAULT_SPACING = {"ddim": "trailing", "dpmpp_2m": "linspace"}
 
@@ -38,14 +36,6 @@ class ConditionalDiffusion:
         pairing: how training pairs noise points with target points: "independent" (the paper)
             or "ot" (minibatch optimal transport per sample, :mod:`scripts.diffusion.pairing`).
             Sampling is the same either way; "ot" suits the deterministic samplers.
-        loss_weighting: "uniform" (the paper: plain MSE of the prediction) or "min_snr"
-            (Hang et al. 2023: each sample's loss weighted so that it equals the x0 error
-            weighted by min(SNR(t), snr_gamma)).
-        snr_gamma: the clamp of "min_snr" (5 in Hang et al.).
-        shape_loss_weight: weight of an added set-level loss, the squared Chamfer distance between
-            the x0 estimate of the generated points and the true ones (0: none, as the paper). It
-            scores the predicted shape whatever the point order, where the MSE scores each point
-            against its paired target.
 
     The model is any callable ``model(x (B, 3, N), t (B,) long) -> out (B, 3, N)``.
     ``last_model_calls`` holds the number of network calls of the latest ``sample`` call.
@@ -59,26 +49,14 @@ class ConditionalDiffusion:
         clip_x0: float | None = None,
         prediction_type: str = "epsilon",
         pairing: str = "independent",
-        loss_weighting: str = "uniform",
-        snr_gamma: float = 5.0,
-        shape_loss_weight: float = 0.0,
     ) -> None:
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if pairing not in PAIRINGS:
             raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        if snr_gamma <= 0:
-            raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
-        if shape_loss_weight < 0:
-            raise ValueError(f"shape_loss_weight must be >= 0, got {shape_loss_weight}")
         self.clip_x0 = clip_x0
         self.prediction_type = prediction_type
         self.pairing = pairing
-        self.loss_weighting = loss_weighting
-        self.snr_gamma = snr_gamma
-        self.shape_loss_weight = shape_loss_weight
         common = dict(
             num_train_timesteps=num_train_timesteps,
             schedule="linear_beta",
@@ -117,26 +95,13 @@ class ConditionalDiffusion:
         noisy = self.ddpm.add_noise(target, noise, t)
         return torch.cat([x0[:, :, :num_condition], noisy], dim=2)
 
-    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) weight of each sample's MSE at timesteps t (B,): ones for "uniform"; for "min_snr"
-        min(SNR, gamma) divided by the factor that turns an x0 error into this prediction's error
-        (1 for x0, SNR for epsilon, SNR + 1 for v)."""
-        if self.loss_weighting == "uniform":
-            return torch.ones(t.shape, device=t.device)
-        alpha_bar = self.alphas_cumprod.to(t.device)[t]
-        snr = alpha_bar / (1.0 - alpha_bar)
-        factor = {"sample": torch.ones_like(snr), "epsilon": snr, "v_prediction": snr + 1.0}[self.prediction_type]
-        return snr.clamp(max=self.snr_gamma) / factor
-
     def training_loss(
-        self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None,
-        pairing: str | None = None,
+        self, model, x0: torch.Tensor, num_condition: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Weighted MSE of the prediction (noise, x0 or v) on the generated points, plus
-        ``shape_loss_weight`` x the squared Chamfer distance of the implied x0; t ~ U{0..T-1} per sample.
+        """MSE of the prediction (noise, x0 or v) on the generated points; t ~ U{0..T-1} per sample.
 
         x0: (B, 3, N) clean cloud, condition first. The noise is paired with the target points as
-        set by ``pairing`` (None: this process's own). Returns a scalar.
+        ``pairing`` says. Returns a scalar.
         """
         _check_cloud(x0, "x0")
         b, _, n = x0.shape
@@ -145,7 +110,7 @@ class ConditionalDiffusion:
         t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=x0.device)
         target = x0[:, :, num_condition:]
         noise = torch.randn(target.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        noise = pair_noise(noise, target, pairing or self.pairing)
+        noise = pair_noise(noise, target, self.pairing)
         noisy = self.q_sample(x0, t, noise, num_condition)
         out = model(noisy, t)[:, :, num_condition:]
         if self.prediction_type == "sample":
@@ -154,14 +119,7 @@ class ConditionalDiffusion:
             goal = self.ddpm.get_velocity(target, noise, t)
         else:
             goal = noise
-        per_sample = (out - goal).pow(2).mean(dim=(1, 2))
-        loss = (per_sample * self.loss_weights(t)).mean()
-        if self.shape_loss_weight > 0:
-            alpha_bar = self.alphas_cumprod.to(x0.device)[t].view(b, 1, 1)
-            x0_hat = data_prediction(out, noisy[:, :, num_condition:], alpha_bar.sqrt(), (1 - alpha_bar).sqrt(),
-                                     self.prediction_type)
-            loss = loss + self.shape_loss_weight * chamfer_distance(x0_hat.transpose(1, 2), target.transpose(1, 2)).mean()
-        return loss
+        return (out - goal).pow(2).mean()
 
     @torch.no_grad()
     def sample(

@@ -11,7 +11,7 @@ Tensors are channels-first: ``x (B, 3, N)`` with the condition points first alon
 Not in the reference: ``coordinate_skip`` (on in the ``small`` preset, off in ``paper``) blends the head's
 output with the input coordinates by a learned gate of the time step, so that an x0 predictor can keep
 the points it is given at low noise (the reference predicts the noise and never needs to). The gate
-starts closed, and weights without it load with it closed, so older ``small`` weights are the same network.
+starts closed, so a new network with it is the network without it.
 
 The sinusoidal time embedding is the same for every point, so the reference's grouping
 (gather + max) and 3-NN interpolation (weights summing to 1) leave it unchanged; it is carried
@@ -267,15 +267,6 @@ def _channels(c: int, r: float, what: str) -> int:
     return out
 
 
-def _closed_gate_if_missing(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook: a state dict without the coordinate skip's gate (weights trained
-    without it, bundle <= 0.5.x) loads with a closed gate (zeros), which is the same network."""
-    if not any(key.startswith(prefix) for key in state_dict):
-        return
-    for name in ("weight", "bias"):
-        state_dict.setdefault(f"{prefix}skip_gate.{name}", torch.zeros_like(getattr(module.skip_gate, name)))
-
-
 class PVCNN2Denoiser(nn.Module):
     """PVD's conditional PVCNN2 noise predictor: ``forward(x (B, 3, N), t (B,) long) -> eps (B, 3, N)``.
 
@@ -352,7 +343,6 @@ class PVCNN2Denoiser(nn.Module):
         if self.skip_gate is not None:
             nn.init.zeros_(self.skip_gate.weight)
             nn.init.zeros_(self.skip_gate.bias)
-            self.register_load_state_dict_pre_hook(_closed_gate_if_missing)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x (B, 3, N)`` float (condition points first), ``t (B,)`` integer steps -> ``(B, 3, N)``."""
