@@ -4,6 +4,7 @@ inference properties, one version everywhere."""
 import ast
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,64 @@ def test_config_files_parse(configs):
         base.read_config([str(CONFIGS / c) for c in configs[:-1]])
         overlay = json.loads((CONFIGS / configs[-1]).read_text())
         assert all(key.split("#")[0] in base.get() for key in overlay), sorted(set(overlay) - set(base.get()))
+
+
+# Every positional key path (`<list>#<index>`) that a config, a command or a test overrides -> the config
+# layer whose list it indexes, and what the indexed item must be there and in every stack on top of that
+# layer: a component's `_target_`, or the callable an expression item calls.
+POSITIONAL = {
+    "surface_transforms#3": ("train_diffusion.json", "scripts.data.points.SurfacePointsd"),
+    "validate#handlers#2": (TRAIN_BASE, "CheckpointSaver"),
+    "initialize#0": (TRAIN_BASE, "monai.utils.set_determinism"),
+    "initialize#2": (TRAIN_BASE, "scripts.checkpoints.attach_checkpointing"),
+}
+# where positional overrides are written: configs, code, tests and the current docs' command lines
+OVERRIDE_SOURCES = ["configs/**/*.json", "scripts/**/*.py", "tools/*", "tests/*.py", "deploy/*", "README.md",
+                    "docs/*.md"]
+
+
+def mislanded(configs: list[str], parser: ConfigParser) -> list[str]:
+    """The POSITIONAL paths of the layers in ``configs`` whose indexed item in ``parser`` (those configs
+    read, unparsed) is not the component or expression named there."""
+    wrong = []
+    for path, (layer, target) in POSITIONAL.items():
+        if layer not in configs:
+            continue
+        parent, index = path.rsplit("#", 1)
+        items = parser.get(parent)
+        item = items[int(index)] if isinstance(items, list) and int(index) < len(items) else None
+        if not (isinstance(item, dict) and item.get("_target_") == target
+                or isinstance(item, str) and item.startswith(f"${target}(")):
+            wrong.append(path)
+    return wrong
+
+
+def test_every_positional_override_is_declared():
+    """A positional key path used anywhere is in POSITIONAL, so the test below checks where it lands."""
+    used = set()
+    for pattern in OVERRIDE_SOURCES:
+        for file in ROOT.glob(pattern):
+            if file.is_file() and file.suffix in {".json", ".py", ".md", ".sh", ".yaml"}:
+                for match in re.finditer(r"[A-Za-z_][\w#]*#\d+", file.read_text()):
+                    used.add(match.group())
+    assert "surface_transforms#3" in used and used <= set(POSITIONAL), sorted(used - set(POSITIONAL))
+
+
+@pytest.mark.parametrize("configs", [[TRAIN_BASE], *CONFIG_RUNS], ids="+".join)
+def test_positional_overrides_land_on_the_item_they_mean(configs):
+    """Each config stack (every layer below an override included) has, at each POSITIONAL index, the item
+    named there: a list reordered under an override fails here instead of changing another item."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    assert mislanded(configs, parser) == []
+
+
+def test_a_shifted_list_is_reported_as_mislanded():
+    configs = [TRAIN_BASE, "train_diffusion.json"]
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / c) for c in configs])
+    parser["surface_transforms"] = [{"_target_": "Identityd", "keys": "defective"}, *parser["surface_transforms"]]
+    assert mislanded(configs, parser) == ["surface_transforms#3"]
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

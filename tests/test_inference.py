@@ -337,8 +337,7 @@ def test_the_shell_prior_fills_a_defect_across_the_midline(tmp_path, generator):
     """A bilateral defect on a synthetic skull of a seed no training run used: its mirror image is the same
     hole, so the mirror covers little of the sample and the smooth shell across the hole fills it instead.
     The shell's bone goes into the implant as voxels (``prior_fill``, the default); through the voxelizer
-    alone it scores less. With the 0.6.1 weights: DSC 0.91 against 0.88 through the voxelizer and 0.55
-    for the mirror prior alone."""
+    alone it scores less."""
     from scripts.data.synthetic import skullbreak_case
 
     case = skullbreak_case(2, size=128, seed=4242)
