@@ -184,3 +184,29 @@ def test_deploy_app_version_is_the_bundle_version():
     assigned = next(n.value for n in cls.body if isinstance(n, ast.Assign) and n.targets[0].id == "version")
     assert ast.unparse(assigned) == "bundle_version(APP_BUNDLE)"
     assert str(yaml.safe_load((ROOT / "deploy" / "app.yaml").read_text())["application"]["version"]) == version
+
+
+def test_headline_numbers_are_quoted_from_one_file():
+    """metadata.json eval_metrics, README.md and the model card quote docs/headline_metrics.json's numbers
+    of the default setting on the study set (tools.quality_study --headline_set writes that file)."""
+    study = json.loads((ROOT / "docs" / "headline_metrics.json").read_text())["sets"]["study"]
+    metrics = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
+    assert metrics == {"mean_dice": study["dsc"], "mean_boundary_dice_10mm": study["bdsc"], "mean_hd95_mm": study["hd95_mm"]}
+    quoted = f"{study['dsc']:.3f} / {study['bdsc']:.3f} / {study['hd95_mm']:.2f}"
+    for doc in ("README.md", "docs/README.md"):
+        assert quoted in (ROOT / doc).read_text(), doc
+
+
+def test_the_quality_study_writes_the_default_rows_headline(tmp_path):
+    from tools.quality_study import DEFAULT, write_headline
+
+    row = {"setting": DEFAULT, "cases": 20, "dsc": 0.89012, "bdsc": 0.8834, "hd95_mm": 2.0567}
+    summaries = [{"weights": {"model.pt": "abc"}}]
+    write_headline(tmp_path / "h.json", "study", "data/x", row, summaries, "cmd")
+    written = write_headline(tmp_path / "h.json", "other", "data/y", {**row, "cases": 10}, summaries, "cmd2")
+    assert written == json.loads((tmp_path / "h.json").read_text())
+    assert set(written["sets"]) == {"study", "other"} and written["setting"] == DEFAULT
+    assert written["sets"]["study"] == {"dataset_dir": "data/x", "num_cases": 20, "dsc": 0.89, "bdsc": 0.883,
+                                        "hd95_mm": 2.06, "weights_sha256": {"model.pt": "abc"}, "command": "cmd"}
+    with pytest.raises(ValueError, match="default setting"):
+        write_headline(tmp_path / "h.json", "study", "data/x", {**row, "setting": "DDIM-1"}, summaries, "cmd")

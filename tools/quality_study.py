@@ -4,13 +4,17 @@ Each setting runs the bundle's own configs (``configs/inference.json`` or
 ``configs/inference_unet.json``) through ``ConfigWorkflow`` with overrides, then scores the
 implants with ``configs/evaluate.json`` (:func:`scripts.evaluate.evaluate_predictions`). A setting
 whose ``summary.json`` exists already is scored without running inference again, so an
-interrupted study resumes. Prints a markdown table and writes ``<output_dir>/study.json``.
+interrupted study resumes. Prints a markdown table and writes ``<output_dir>/study.json``; with
+``--headline_set <name>`` the default setting's row also goes to ``docs/headline_metrics.json``, the one
+source of the numbers that metadata.json, README.md and docs/README.md quote (tests/test_bundle.py).
 
 The ``TRUE_POINT_SETTINGS`` replace the diffusion model by points drawn on the true implant's
 surface (same number, same condition, voxelizer and post-processing): the score a perfect denoiser
 would get, which separates the two networks' shares of the error.
 
     python -m tools.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20
+    python -m tools.quality_study --dataset_dir data/synth128 --output_dir runs/study --num_cases 20 \
+        --settings "DDIM-10 + priors" --headline_set study
 """
 
 from __future__ import annotations
@@ -76,6 +80,24 @@ TRUE_POINTS = "True implant points"
 # voxelizer and post-processing tolerate
 TRUE_POINT_SETTINGS = {TRUE_POINTS: 0.0, "True implant points + 1 voxel noise": 1.0, "True implant points + 2 voxels noise": 2.0}
 UNET = "U-Net baseline"
+DEFAULT = "DDIM-10 + priors"  # configs/inference.json's defaults
+HEADLINE = ROOT / "docs" / "headline_metrics.json"
+
+
+def write_headline(path: str | os.PathLike, set_name: str, dataset_dir: str, row: dict, summaries: list[dict],
+                   command: str) -> dict:
+    """Put the default setting's ``row`` (of :func:`_row`) for the case set ``set_name`` into the headline
+    file ``path`` (other sets stay), with the weights' SHA-256 from the case ``summaries``; returns it."""
+    if row["setting"] != DEFAULT:
+        raise ValueError(f"the headline numbers are the default setting's ({DEFAULT!r}), not {row['setting']!r}")
+    headline = json.loads(Path(path).read_text()) if Path(path).is_file() else {"setting": DEFAULT, "sets": {}}
+    headline["sets"][set_name] = {
+        "dataset_dir": str(dataset_dir), "num_cases": row["cases"], "dsc": round(row["dsc"], 3),
+        "bdsc": round(row["bdsc"], 3), "hd95_mm": round(row["hd95_mm"], 2),
+        "weights_sha256": summaries[0]["weights"], "command": command,
+    }
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(headline, indent=2) + "\n"), overwrite=True)
+    return headline
 
 
 def true_implant_points(implant_file: str | os.PathLike, side: int, num_points: int, seed: int = 0) -> np.ndarray:
@@ -189,11 +211,15 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
-         unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0, **overrides) -> str:
+         unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0,
+         headline_set: str | None = None, **overrides) -> str:
     """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINT_SETTINGS (default: all
     SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
     configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
-    configs/inference.json (e.g. preset); the no-defect guards are off unless set there (see :func:`guard_stops`)."""
+    configs/inference.json (e.g. preset); the no-defect guards are off unless set there (see :func:`guard_stops`).
+    ``headline_set``: write the DEFAULT row to HEADLINE under this case-set name (:func:`write_headline`)."""
+    if headline_set is not None and (overrides or seed != 0):
+        raise ValueError("headline numbers come from the default configs: no overrides, seed 0")
     overrides = {**GUARDS_OFF, **overrides}
     cases = held_out_cases(dataset_dir, num_cases)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
@@ -216,6 +242,10 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         score = "implant_mean" if setting["num_samples"] > 1 else "implant"
         report = evaluate_predictions(cases, folder, folder / "evaluation", prediction_name=score)
         rows.append(_row(name, report, summaries, setting["steps"]))
+        if headline_set is not None and name == DEFAULT:
+            command = (f"python -m tools.quality_study --dataset_dir {dataset_dir} --num_cases {num_cases} "
+                       f"--settings \"{DEFAULT}\" --headline_set {headline_set}")
+            write_headline(HEADLINE, headline_set, dataset_dir, rows[-1], summaries, command)
         print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     if unet_weights:
         folder = out / "unet"

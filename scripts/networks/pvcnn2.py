@@ -64,7 +64,7 @@ PRESETS: dict[str, dict] = {
                   embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
     # Trains on 2 CPU cores (~0.4-0.6 s forward + backward for batch 4): 10x fewer points (radii
     # x sqrt(10) keep ~10 hits per ball), quarter width (1.76 M parameters), voxel grids
-    # 16/8/4, 32 neighbours. The coordinate skip is what the shipped x0 weights were fine-tuned with.
+    # 16/8/4, 32 neighbours, and the coordinate skip. The shipped weights (models/model.pt) are this preset.
     "small": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
                   centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
                   embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True),
