@@ -114,7 +114,7 @@ class ImplantGenerator(Inferer):
         ``surface_points`` Poisson-disk points with seed ``seed + k`` and keeps a random num_condition.
 
         Own draws make the members differ in what they see of the skull, not only in their noise
-        (docs/benchmarks.md has the 5-member vote with own and with shared draws).
+        (docs/history/benchmarks_by_version.md has the 5-member vote with own and with shared draws).
         """
         draws = []
         for seed in range(self.seed, self.seed + self.num_samples):
@@ -231,7 +231,7 @@ class ImplantGenerator(Inferer):
         majority vote. Without such a member the result is returned as it is.
 
         The prior's bone goes in as voxels, uncleaned: the clean-up's opening is made for the voxelizer's
-        films and specks and thins a 3-4 voxel shell (docs/training.md measures it).
+        films and specks and thins a 3-4 voxel shell (docs/history/training_notebook.md measures it).
         """
         filled = [k for k, (estimate, fraction) in enumerate(zip(self.estimates, self.prior_fractions))
                   if estimate is not None and fraction >= self.fill_above]

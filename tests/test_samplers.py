@@ -221,7 +221,7 @@ ALL_SAMPLERS = [("ddim", 20), ("dpmpp_2m", 10), ("ddpm", None)]
 @pytest.mark.parametrize(
     "prediction_type, samplers",
     # x0 prediction after 300 steps is still too coarse for DDPM's last ancestral steps (Chamfer ratio
-    # 0.36 against 0.16 with eps; docs/training.md), so it is held to the deterministic samplers here
+    # 0.36 against 0.16 with eps; docs/history/training_notebook.md), so it is held to the deterministic samplers here
     [("epsilon", ALL_SAMPLERS), ("v_prediction", ALL_SAMPLERS), ("sample", ALL_SAMPLERS[:2])],
 )
 def test_trained_model_completes_semicircles(prediction_type, samplers):

@@ -66,7 +66,7 @@ def test_trained_voxelizer_reconstructs_held_out_skull(dataset_dir, tmp_path):
     """Dice > 0.9 at 64^3 for a skull the voxelizer never saw.
 
     The tiny preset's 8^3 feature grid stalls near Dice 0.7 on these 2-voxel-thin shells; a 32^3 grid
-    (the paper's) with 4,096 points gets past 0.9 in ~400 iterations (docs/training.md); 600 iterations
+    (the paper's) with 4,096 points gets past 0.9 in ~400 iterations (docs/history/training_notebook.md); 600 iterations
     reached 0.918 here (lr 0.004 is worse: 0.894 at 500).
     """
     workflow, losses = train(

@@ -1,4 +1,4 @@
-"""Where a denoiser's error comes from, on the quality study's held-out cases (docs/training.md).
+"""Where a denoiser's error comes from, on the quality study's held-out cases (docs/history/training_notebook.md).
 
 ``per_timestep``: noise the true implant points to timestep t (OT-paired noise, as in training) and
 compare the network's x0 estimate with the true points, next to the estimate that needs no network,

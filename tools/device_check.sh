@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of tools/device_check.py (docs/benchmarks.md, "GPU"):
+# The prepared GPU run of tools/device_check.py (tools/README.md):
 #   bash tools/device_check.sh prepare   # on a machine with the bundle's requirements and internet:
 #                                         # wheels the GPU image lacks + Open3D condition points -> .device/
 #   bash tools/device_check.sh [ARGS]    # on the GPU machine (carry .device): report + log -> $OUT

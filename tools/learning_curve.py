@@ -5,7 +5,7 @@ MONAI's saver keeps only the last two numbered checkpoints in ``ckpt_dir``), the
 bundle's inference (DDIM-50, as shipped) on the first ``num_cases`` held-out cases of the quality
 study and are scored with ``configs/evaluate.json``; the Chamfer distance is the run's own
 ``val_chamfer`` (TensorBoard) at the checkpoint's epoch (both read from its trainer state). CPU-hours are iterations x
-``seconds_per_iteration`` (default: the 0.3.0 recipe's measured rate on one core, see docs/training.md), because wall time on
+``seconds_per_iteration`` (default: the 0.3.0 recipe's measured rate on one core, see docs/history/training_notebook.md), because wall time on
 a shared machine says little. Writes ``<output_dir>/curve.json`` and prints a markdown table;
 ``plot`` draws several such curves (DSC and Chamfer against CPU-hours) into one PNG.
 

@@ -64,7 +64,7 @@ SETTINGS = {
 # the same with the mirror prior alone and with both priors (configs/inference.json's default since 0.8.0:
 # the mirror, or the smooth shell where the mirror covers less than half), their bone as voxels (the
 # default since 0.9.0) or through the voxelizer alone ("priors via voxelizer", 0.8.0); the rows above run
-# without either. The "+ mirror" rows of 0.7.0 in docs/benchmarks.md were made with 0.7.0's mirror
+# without either. The "+ mirror" rows of 0.7.0 in docs/history/benchmarks_by_version.md were made with 0.7.0's mirror
 # (mirrored points seated by a network call), which 0.8.0 replaced
 PRIORS_OFF = {"mirror_prior": False, "shell_prior": False}
 PRIORS = {"mirror": {"mirror_prior": True, "prior_fill": True},
