@@ -19,7 +19,7 @@ from monai.inferers import Inferer
 from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
 from scripts.implant import ensemble_mean_and_variance, postprocess_ensemble
 from scripts.io import mask3d
-from scripts.mirror import left_right_axis, mirror_transform
+from scripts.mirror import mirror_transform
 from scripts.priors import SkullRays, merge_prior_points
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
@@ -208,7 +208,7 @@ class ImplantGenerator(Inferer):
         self.priors, self.prior_fractions, self.estimates = [], [], []
         if self.mirror_prior or self.shell_prior:
             start = time.perf_counter()
-            clouds = self.apply_priors(defective, clouds, left_right_axis(getattr(inputs, "affine", None)))
+            clouds = self.apply_priors(defective, clouds)  # the canonical cube's axis 0 is left-right
             generated = clouds[:, self.num_condition :]
             timings["priors"] = time.perf_counter() - start
         start = time.perf_counter()

@@ -35,7 +35,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from scripts.data.resample import crop_from_cube, to_original_grid
+from scripts.data.resample import to_original_grid
 from scripts.io import mask3d, mask_spacing, volume3d
 
 __all__ = [
@@ -365,39 +365,36 @@ def require_opening(implant, defective, spacing, min_open_fraction: float = 0.5,
     return fraction
 
 
-def _to_input_grid(volume: np.ndarray, cube: MetaTensor, iso: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
-    """A model-grid volume (X', Y', Z') -> the input's exact grid (X, Y, Z): bool if binary else float32."""
+def _to_input_grid(volume: np.ndarray, cube: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
+    """A model-grid volume (s, s, s) on the canonical ``cube``'s grid -> the input's exact grid (X, Y, Z) in
+    one resampling: bool if binary else float32."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    out = crop_from_cube(MetaTensor(data, affine=cube.affine), iso)
-    if not torch.allclose(iso.affine.double(), img.affine.double()):  # resampled or reoriented for the model
-        out = to_original_grid(out, img, binary=binary)
-    out = np.asarray(out[0])
+    out = np.asarray(to_original_grid(MetaTensor(data, affine=cube.affine), img, binary=binary)[0])
     return out > 0.5 if binary else out.astype(np.float32)
 
 
 class ImplantToInputGridd(MapTransform):
-    """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the padded
-    cube ``cube_key``) -> the input's exact grid (``reference_key``, the input skull mask, via its isotropic
-    version ``isotropic_key``), without the skull's voxels: ``implant`` (the single member, or the
-    ensemble's majority vote), and for an ensemble ``implant_members`` and ``implant_variance`` (float32)."""
+    """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the canonical
+    cube ``cube_key``, :class:`~scripts.frame.CanonicalFramed`) -> the input's exact grid (``reference_key``,
+    the input skull mask), without the skull's voxels: ``implant`` (the single member, or the ensemble's
+    majority vote), and for an ensemble ``implant_members`` and ``implant_variance`` (float32)."""
 
-    def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", isotropic_key: str = "isotropic",
-                 reference_key: str = "skull") -> None:
+    def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", reference_key: str = "skull") -> None:
         super().__init__(keys)
-        self.cube_key, self.isotropic_key, self.reference_key = cube_key, isotropic_key, reference_key
+        self.cube_key, self.reference_key = cube_key, reference_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        cube, iso, img = d[self.cube_key], d[self.isotropic_key], d[self.reference_key]
+        cube, img = d[self.cube_key], d[self.reference_key]
         defective = np.asarray(img[0]) > 0
         for key in self.key_iterator(d):
             pred = d[key]
             single = len(pred["implants"]) == 1
-            d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, iso, img,
+            d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img,
                                           True) & ~defective
             d["implant_members"] = None if single else [
-                _to_input_grid(m, cube, iso, img, True) & ~defective for m in pred["implants"]]
-            d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, iso, img, False)
+                _to_input_grid(m, cube, img, True) & ~defective for m in pred["implants"]]
+            d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, img, False)
         return d
 
 

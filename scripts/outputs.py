@@ -286,6 +286,8 @@ class SaveCased(Transform):
             if self.preview:
                 save_preview(tmp / "preview.png", defective, implant, variance=variance, spacing=spacing, title=name)
             pred, voxels = d["pred"], d["implant_voxels"]
+            frame = dict(d.get("frame") or {})
+            frame_seconds = frame.pop("seconds", None)
             d["summary"] = {
                 "case_id": name,
                 "input": str(path.resolve()),
@@ -298,9 +300,11 @@ class SaveCased(Transform):
                 "implant_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
                 "implant_open_fraction": round(d["implant_open_fraction"], 3),
                 "member_voxels": [int(m.sum()) for m in pred["implants"]],
+                **frame,
                 **pred["settings"],
                 "weights": {w.name: file_sha256(w) for w in self.weights},
-                "timings_s": {**{k: round(v, 3) for k, v in pred["timings"].items()},
+                "timings_s": {**({"frame": round(frame_seconds, 3)} if frame_seconds is not None else {}),
+                              **{k: round(v, 3) for k, v in pred["timings"].items()},
                               "total": round(time.perf_counter() - d["started"], 3)},
             }
             (tmp / "summary.json").write_text(json.dumps(d["summary"], indent=2))

@@ -1,0 +1,172 @@
+"""Pose and size study: the same synthetic skulls upright, rotated, scaled and stretched (issue: canonical
+head frame). Nothing here is tuned on: the skulls come from a generator seed that no training or tuning
+uses (default 2027).
+
+Each skull x defect class is written upright (128^3, 1.6 mm, as generated) and as three copies in a field of
+view of the same size: rotated by a random rotation of up to ``max_deg`` about each axis, scaled by a random
+factor in [0.8, 1.15], and stretched by +-10 % along a random axis (the true implant goes through the same
+resampling). Every copy runs configs/inference.json with the no-defect guards on (a refused case is
+counted, and scored as an empty implant) with the default priors and with the diffusion sample alone.
+
+    python -m tools.pose_study run --output_dir runs/pose --num_skulls 2 --seed 2027
+    python -m tools.pose_study calibrate --num_skulls 10      # the frame constants, on training skulls
+
+``run`` prints a markdown table (mean per variant and setting, and the differences to upright case by case)
+and writes ``<output_dir>/pose.json``; finished cases are read back, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from scipy.spatial.transform import Rotation
+
+from scripts.cases import case_datalist, predict_case
+from scripts.data.synthetic import SKULLBREAK_DEFECTS, skullbreak_case
+from scripts.frame import REFERENCE_SIZE_MM, estimate_frame, to_canonical
+from scripts.io import load_mask, save_mask
+from scripts.metrics import boundary_dice, dice, hd95
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"default": {}, "alone": {"mirror_prior": False, "shell_prior": False}}
+VARIANTS = ("upright", "rotated", "scaled", "stretched")
+
+
+def variant_affine(kind: str, affine: np.ndarray, shape, rng: np.random.Generator, max_deg: float) -> tuple[np.ndarray, dict]:
+    """The grid whose resampling of an upright volume (``affine``, ``shape``) shows the head rotated, scaled
+    or stretched about the volume's centre -> (4x4 affine, what was drawn)."""
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+    if kind == "upright":
+        return affine, {}
+    if kind == "rotated":
+        angles = rng.uniform(-max_deg, max_deg, 3)
+        linear, drawn = Rotation.from_euler("xyz", angles, degrees=True).as_matrix(), {"rotation_deg": angles.round(2).tolist()}
+    elif kind == "scaled":
+        factor = rng.uniform(0.8, 1.15)
+        linear, drawn = np.eye(3) / factor, {"scale": round(float(factor), 4)}
+    else:
+        axis, factor = int(rng.integers(3)), float(rng.choice([0.9, 1.1]))
+        linear = np.eye(3)
+        linear[axis, axis] = 1.0 / factor
+        drawn = {"stretch_axis": axis, "stretch": factor}
+    out = np.eye(4)
+    out[:3, :3] = linear @ affine[:3, :3]
+    out[:3, 3] = linear @ (affine[:3, 3] - centre) + centre
+    return out, drawn
+
+
+def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> list[dict]:
+    """Each skull x defect x variant as ``<case>_<variant>.nii.gz`` with its truth ``..._truth.nii.gz``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for skull_id in range(num_skulls):
+        case = skullbreak_case(skull_id, size=128, seed=seed)
+        for defect in SKULLBREAK_DEFECTS:
+            defective, implant = case.defect(defect)
+            rng = np.random.default_rng([seed, skull_id, SKULLBREAK_DEFECTS.index(defect)])
+            for kind in VARIANTS:
+                name = f"{seed}_{skull_id:03d}_{defect}_{kind}"
+                grid, drawn = variant_affine(kind, case.affine, defective.shape, rng, max_deg)
+                paths = {"input": folder / f"{name}.nii.gz", "truth": folder / f"{name}_truth.nii.gz"}
+                if not paths["truth"].exists():
+                    for key, mask in (("input", defective), ("truth", implant)):
+                        img = MetaTensor(torch.from_numpy(mask[None].astype(np.uint8)), affine=torch.as_tensor(case.affine))
+                        moved = to_canonical(img, grid, defective.shape[0]) if kind != "upright" else img
+                        save_mask(paths[key], np.asarray(moved[0]), case.affine)  # the moved head, in the original field of view
+                cases.append({"name": name, "skull": skull_id, "defect": defect, "variant": kind, **drawn,
+                              **{k: str(v) for k, v in paths.items()}})
+    return cases
+
+
+def score(implant_path: Path | None, case: dict) -> dict:
+    """DSC, boundary DSC and HD95 (mm) of an implant file against the case's truth (None: a refused case)."""
+    truth, defective = load_mask(case["truth"]), load_mask(case["input"])
+    spacing = np.abs(np.diag(np.asarray(truth.affine)[:3, :3]))
+    gt = np.asarray(truth[0]) > 0
+    pred = np.asarray(load_mask(implant_path)[0]) > 0 if implant_path else np.zeros_like(gt)
+    return {"dsc": dice(pred, gt), "bdsc": boundary_dice(pred, gt, np.asarray(defective[0]) > 0, spacing),
+            "hd95": hd95(pred, gt, spacing) if pred.any() else float("nan")}
+
+
+def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, max_deg: float = 25.0, steps: int = 10):
+    """Runs the study (see the module docstring); returns the report dict."""
+    out = Path(output_dir)
+    cases = write_cases(out / "cases", num_skulls, seed, max_deg)
+    rows = []
+    for setting, overrides in SETTINGS.items():
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(ROOT), "progress": False, "output_dir": str(out / setting), "stl": False,
+                       "preview": False, "steps": steps, **overrides})
+        preprocessing, postprocessing, inferer = (parser.get_parsed_content(k) for k in
+                                                  ("preprocessing", "postprocessing", "inferer"))
+        for case in cases:
+            folder = out / setting / case["name"]
+            if (folder / "summary.json").exists():
+                summary = json.loads((folder / "summary.json").read_text())
+            else:
+                try:
+                    summary = predict_case(case_datalist([case["input"]])[0], preprocessing, inferer, postprocessing)
+                except ValueError as err:  # the no-defect guard
+                    summary = {"refused": str(err)}
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / "summary.json").write_text(json.dumps(summary))
+            implant = None if "refused" in summary else folder / "implant.nii.gz"
+            rows.append({**case, "setting": setting, "refused": "refused" in summary, **score(implant, case),
+                         **{k: summary.get(k) for k in ("rotation_deg", "frame", "head_scale", "frame_residual_mm")},
+                         "frame_s": summary.get("timings_s", {}).get("frame")})
+            print(f"{setting} {case['name']}: DSC {rows[-1]['dsc']:.3f}", flush=True)
+    report = {"seed": seed, "num_skulls": num_skulls, "max_deg": max_deg, "rows": rows}
+    (out / "pose.json").write_text(json.dumps(report, indent=1, default=float))
+    print(markdown(rows))
+    return report
+
+
+def markdown(rows: list[dict]) -> str:
+    """Mean DSC / bDSC / HD95 per setting and variant, and the paired differences to upright."""
+    lines = ["| setting | variant | DSC | bDSC | HD95 mm | dDSC vs upright | dbDSC | dHD95 | refused |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        upright = {(r["skull"], r["defect"]): r for r in rows if r["setting"] == setting and r["variant"] == "upright"}
+        for kind in VARIANTS:
+            sel = [r for r in rows if r["setting"] == setting and r["variant"] == kind]
+            if not sel:
+                continue
+            diff = lambda k: np.array([r[k] - upright[(r["skull"], r["defect"])][k] for r in sel])  # noqa: E731
+            mean = lambda k: np.nanmean([r[k] for r in sel])  # noqa: E731
+            lines.append(f"| {setting} | {kind} | {mean('dsc'):.3f} | {mean('bdsc'):.3f} | {mean('hd95'):.2f} | "
+                         f"{diff('dsc').mean():+.3f} | {diff('bdsc').mean():+.3f} | {np.nanmean(diff('hd95')):+.2f} | "
+                         f"{sum(r['refused'] for r in sel)}/{len(sel)} |")
+    return "\n".join(lines)
+
+
+def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
+    """The frame constants on upright training skulls (generator seed 0): the pitch of the estimated
+    long axis against the generator's own skull frame, and the size measure (REFERENCE_SIZE_MM)."""
+    pitches, sizes, times = [], [], []
+    for skull_id in range(num_skulls):
+        case = skullbreak_case(skull_id, size=size, seed=seed)
+        for defect in SKULLBREAK_DEFECTS:
+            defective, _ = case.defect(defect)
+            start = time.perf_counter()
+            frame = estimate_frame(defective, case.affine)
+            times.append(time.perf_counter() - start)
+            relative = case.skull.rotation.T @ frame.rotation  # estimated axes in the skull's own frame
+            pitches.append(float(np.degrees(np.arctan2(relative[2, 1], relative[1, 1]))))
+            sizes.append(frame.size_mm)
+    print(f"pitch of the long axis against the skull frame: median {np.median(pitches):+.2f} deg "
+          f"(IQR {np.percentile(pitches, 25):+.2f}..{np.percentile(pitches, 75):+.2f}); size: median "
+          f"{np.median(sizes):.1f} mm (IQR {np.percentile(sizes, 25):.1f}..{np.percentile(sizes, 75):.1f}), "
+          f"REFERENCE_SIZE_MM now {REFERENCE_SIZE_MM}; estimate {np.median(times):.2f} s median")
+    return {"pitch_deg": pitches, "size_mm": sizes}
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "calibrate": calibrate})
