@@ -6,12 +6,19 @@ entry (recipe name, preset, point counts and, for the denoiser, prediction type 
 the bundle version that wrote the file. Training checkpoints keep their state dict under the same key
 (``network``, or ``ema_network`` for the EMA weights), so MONAI's tools read both kinds of file with
 ``key_in_ckpt="network"``.
+
+Every torch file is read with ``weights_only=True`` (:func:`read_weights_file`): a file whose pickle would
+import or call anything beyond tensors and plain containers is refused, so a swapped download cannot run
+code. Torch's default allow-list covers every file the bundle writes (``models/*.pt`` and the training
+checkpoints, MONAI's ``CheckpointLoader`` included), so no further globals are allow-listed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,11 +27,15 @@ from monai.bundle import ConfigParser
 
 from scripts.io import atomic_write
 
-__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "recipe_of", "read_recipe", "check_recipe",
-           "load_weights"]
+__all__ = ["STATE_KEY", "RECIPE_KEY", "UnsafeFileError", "save_weights", "read_weights_file", "recipe_of", "read_recipe",
+           "check_recipe", "load_weights"]
 
 STATE_KEY = "network"
 RECIPE_KEY = "recipe"
+
+
+class UnsafeFileError(ValueError):
+    """A torch file needs more than tensors and plain containers to load (it could run code); it is refused."""
 
 
 def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, overwrite: bool = False) -> Path:
@@ -33,16 +44,25 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, 
     return atomic_write(path, lambda tmp: torch.save({STATE_KEY: state, RECIPE_KEY: dict(recipe)}, tmp), overwrite)
 
 
-def read_weights_file(path: str | os.PathLike) -> dict:
-    """The stored object of a weights file, training checkpoint or bare state dict (on the CPU).
-    Raises FileNotFoundError / ValueError naming the file when it is missing or cannot be read."""
+def read_weights_file(path: str | os.PathLike, mmap: bool = False):
+    """The stored object of a weights file, training checkpoint or bare state dict, read with
+    ``weights_only=True`` onto the CPU (``mmap``: tensors memory-mapped, not read).
+
+    Raises FileNotFoundError when ``path`` is missing, :class:`UnsafeFileError` naming the file (and the
+    global it asks for) when loading it could run code, ValueError naming the file when it is unreadable.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch's errors for a cut-short or foreign file do not name it
-        raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): {err}") from err
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch's errors do not name the file
+        unsafe = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if unsafe:  # the weights-only unpickler refused to import something: the file asks to run code
+            raise UnsafeFileError(f"{path}: refused: loading it would import {unsafe.group(1)}, which can run code; "
+                                  "weights and checkpoints hold only tensors and plain values") from None
+        raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): "
+                         f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}") from None
 
 
 def training_recipe(config: str | os.PathLike | Sequence[str | os.PathLike],
