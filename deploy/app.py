@@ -13,7 +13,8 @@ Two graphs (Holoscan operators, run once), chosen by the input: mask / CT files,
   file) and checks every header, so a bad file fails before minutes of diffusion sampling.
 * The SDK's DICOM operators load the series folder, select the first CT series and turn it into a
   volume in Hounsfield units; ``VolumeFileOperator`` writes it as a NIfTI CT (RAS affine) into a work
-  folder, named by its SeriesInstanceUID.
+  folder, named by its SeriesInstanceUID if that is a valid DICOM UID, else by a hash of it (a tag is data,
+  never a path).
 * ``ImplantInferenceOperator`` parses the bundle's ``configs/inference.json`` with MONAI's
   ``ConfigParser``, sets ``input`` / ``output_dir`` (and any command-line overrides) and evaluates
   the config's ``run`` expression, so the app builds the networks, the sampler and the
@@ -206,7 +207,8 @@ class VolumeFileOperator(Operator):
 
     Input port ``image``: SDK ``Image`` from ``DICOMSeriesToVolumeOperator`` ((D, H, W) in HU, RAS
     ``affine`` for the (W, H, D) order in its metadata). Output port ``masks``: ``[path]`` of
-    ``<work folder>/<SeriesInstanceUID>.nii.gz`` (int16 if the HU are integers, else float32). The
+    ``<work folder>/<SeriesInstanceUID>.nii.gz`` (a UID that is not a valid DICOM UID is replaced by
+    ``uid_<hash>``, see ``scripts.paths.uid_name``; int16 if the HU are integers, else float32). The
     work folder is removed when the app stops.
     """
 
@@ -222,15 +224,17 @@ class VolumeFileOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         from scripts.io import save_mask
+        from scripts.paths import inside, uid_name
 
         image = op_input.receive("image")
         volume = np.asarray(image.asnumpy()).transpose(2, 1, 0)
         meta = image.metadata()
         dtype = np.int16 if np.issubdtype(volume.dtype, np.integer) else np.float32
-        path = save_mask(Path(self.work.name) / f"{meta['SeriesInstanceUID']}{DICOM_VOLUME_SUFFIX}", volume,
+        work = Path(self.work.name)  # the UID is untrusted DICOM data: a valid UID or a hash, never a path
+        path = save_mask(inside(work, work / f"{uid_name(meta['SeriesInstanceUID'])}{DICOM_VOLUME_SUFFIX}"), volume,
                          meta["affine"], dtype=dtype)
-        logger.info("DICOM series %s (%s): %s voxels, HU %g..%g", meta["SeriesInstanceUID"],
-                    meta.get("SeriesDescription", ""), volume.shape, volume.min(), volume.max())
+        logger.info("DICOM series %r (%r) -> %s: %s voxels, HU %g..%g", meta["SeriesInstanceUID"],
+                    meta.get("SeriesDescription", ""), path.name, volume.shape, volume.min(), volume.max())
         op_output.emit([path], "masks")
 
 

@@ -30,6 +30,7 @@ from skimage.measure import marching_cubes
 
 from scripts.cases import file_sha256
 from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_spacing, mask_suffix, save_mask
+from scripts.paths import inside
 
 __all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
            "SaveCased"]
@@ -264,7 +265,7 @@ class SaveCased(Transform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         path, name, img = Path(d["input"]), d["case"], d["skull"]
-        final_dir = self.output_dir / name
+        final_dir = inside(self.output_dir, self.output_dir / name)
         if final_dir.exists() and not self.overwrite:
             raise FileExistsError(f"{final_dir}: results exist already (pass overwrite=True / --overwrite true)")
         if final_dir.resolve() == path.parent.resolve():
