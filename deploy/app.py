@@ -31,7 +31,7 @@ app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
         [--preset small] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
         [--input_type auto|mask|ct] [--bone_threshold_hu 150]
-        [--denoiser_weights FILE] [--voxelizer_weights FILE]
+        [--denoiser_weights FILE] [--voxelizer_weights FILE] [--strict_weights]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]
 """
 
@@ -97,6 +97,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--prior_timestep", type=int)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
+    parser.add_argument("--strict_weights", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-stl", dest="stl", action="store_false")
     parser.add_argument("--no-preview", dest="preview", action="store_false")
