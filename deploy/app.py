@@ -30,7 +30,7 @@ app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
         [--preset small] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
-        [--input_type auto|mask|ct] [--bone_threshold_hu 150]
+        [--input_type auto|mask|ct] [--bone_threshold_hu 150] [--max_input_voxels N]
         [--denoiser_weights FILE] [--voxelizer_weights FILE] [--strict_weights]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]
 """
@@ -94,6 +94,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--device")
     parser.add_argument("--input_type", choices=["auto", "mask", "ct"])
     parser.add_argument("--bone_threshold_hu", type=float)
+    parser.add_argument("--max_input_voxels", type=int)
     parser.add_argument("--prior_timestep", type=int)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
