@@ -89,6 +89,11 @@ def mask_suffix(path: str | os.PathLike) -> str:
     raise MaskError(f"{path}: unsupported file type, expected one of {', '.join(MASK_SUFFIXES)}")
 
 
+def _reason(err: BaseException) -> str:
+    """A reader's error as one line: "<type>: <message>" (readers' messages may span lines)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
     """Read (shape, spacing in mm) from the file header only, without loading voxels.
 
@@ -113,7 +118,7 @@ def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tupl
         shape = tuple(int(s) for s in header.get_data_shape())
         return shape, tuple(float(z) for z in header.get_zooms()[: len(shape)])
     except Exception as err:  # pynrrd / nibabel raise many types for corrupt or non-image files
-        raise MaskError(f"{path}: not a readable {suffix} image ({type(err).__name__}: {err})") from err
+        raise MaskError(f"{path}: not a readable {suffix} image ({_reason(err)})") from err
 
 
 def check_input_size(path: str | os.PathLike, shape: Sequence[int], max_voxels: int = MAX_INPUT_VOXELS) -> None:
@@ -142,8 +147,7 @@ def check_input_size(path: str | os.PathLike, shape: Sequence[int], max_voxels: 
                 while inflated <= bound and (chunk := stream.read(1 << 20)):
                     inflated += len(chunk)
     except (OSError, EOFError, ValueError) as err:
-        raise MaskError(f"{path}: cannot read image data (corrupt {header['encoding']} data, "
-                        f"{type(err).__name__}: {err})") from None
+        raise MaskError(f"{path}: cannot read image data (corrupt {header['encoding']} data, {_reason(err)})") from None
     if inflated > bound:
         raise MaskError(f"{path}: {header['encoding']} data inflates beyond the {voxels:,} voxels its header "
                         "claims; refused before loading")
@@ -226,12 +230,14 @@ def load_volume(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> 
     shape, spacing = read_header_geometry(path)
     if len(shape) != 3:
         raise MaskError(f"{path}: expected a 3D volume, got {len(shape)}D data of shape {shape}")
+    if min(shape) < 1:
+        raise MaskError(f"{path}: no voxels, the header gives shape {shape}")
     _check_spacing(spacing, str(path))
     check_input_size(path, shape, max_voxels)
     try:
         return LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise RuntimeError/ValueError/OSError/... for corrupt data
-        raise MaskError(f"{path}: cannot read image data ({type(err).__name__}: {err})") from err
+        raise MaskError(f"{path}: cannot read image data ({_reason(err)})") from err
 
 
 def load_mask(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> MetaTensor:
