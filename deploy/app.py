@@ -13,7 +13,8 @@ Two graphs (Holoscan operators, run once), chosen by the input: mask / CT files,
   file) and checks every header, so a bad file fails before minutes of diffusion sampling.
 * The SDK's DICOM operators load the series folder, select the first CT series and turn it into a
   volume in Hounsfield units; ``VolumeFileOperator`` writes it as a NIfTI CT (RAS affine) into a work
-  folder, named by its SeriesInstanceUID.
+  folder, named by its SeriesInstanceUID if that is a valid DICOM UID, else by a hash of it (a tag is data,
+  never a path).
 * ``ImplantInferenceOperator`` parses the bundle's ``configs/inference.json`` with MONAI's
   ``ConfigParser``, sets ``input`` / ``output_dir`` (and any command-line overrides) and evaluates
   the config's ``run`` expression, so the app builds the networks, the sampler and the
@@ -29,8 +30,8 @@ app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
         [--preset small] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
-        [--input_type auto|mask|ct] [--bone_threshold_hu 150]
-        [--denoiser_weights FILE] [--voxelizer_weights FILE]
+        [--input_type auto|mask|ct] [--bone_threshold_hu 150] [--max_input_voxels N]
+        [--denoiser_weights FILE] [--voxelizer_weights FILE] [--strict_weights]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]
 """
 
@@ -93,8 +94,10 @@ def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
     parser.add_argument("--device")
     parser.add_argument("--input_type", choices=["auto", "mask", "ct"])
     parser.add_argument("--bone_threshold_hu", type=float)
+    parser.add_argument("--max_input_voxels", type=int)
     parser.add_argument("--denoiser_weights", type=lambda p: str(Path(p).resolve()))
     parser.add_argument("--voxelizer_weights", type=lambda p: str(Path(p).resolve()))
+    parser.add_argument("--strict_weights", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-stl", dest="stl", action="store_false")
     parser.add_argument("--no-preview", dest="preview", action="store_false")
@@ -205,7 +208,8 @@ class VolumeFileOperator(Operator):
 
     Input port ``image``: SDK ``Image`` from ``DICOMSeriesToVolumeOperator`` ((D, H, W) in HU, RAS
     ``affine`` for the (W, H, D) order in its metadata). Output port ``masks``: ``[path]`` of
-    ``<work folder>/<SeriesInstanceUID>.nii.gz`` (int16 if the HU are integers, else float32). The
+    ``<work folder>/<SeriesInstanceUID>.nii.gz`` (a UID that is not a valid DICOM UID is replaced by
+    ``uid_<hash>``, see ``scripts.paths.uid_name``; int16 if the HU are integers, else float32). The
     work folder is removed when the app stops.
     """
 
@@ -221,15 +225,17 @@ class VolumeFileOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         from scripts.io import save_mask
+        from scripts.paths import inside, uid_name
 
         image = op_input.receive("image")
         volume = np.asarray(image.asnumpy()).transpose(2, 1, 0)
         meta = image.metadata()
         dtype = np.int16 if np.issubdtype(volume.dtype, np.integer) else np.float32
-        path = save_mask(Path(self.work.name) / f"{meta['SeriesInstanceUID']}{DICOM_VOLUME_SUFFIX}", volume,
+        work = Path(self.work.name)  # the UID is untrusted DICOM data: a valid UID or a hash, never a path
+        path = save_mask(inside(work, work / f"{uid_name(meta['SeriesInstanceUID'])}{DICOM_VOLUME_SUFFIX}"), volume,
                          meta["affine"], dtype=dtype)
-        logger.info("DICOM series %s (%s): %s voxels, HU %g..%g", meta["SeriesInstanceUID"],
-                    meta.get("SeriesDescription", ""), volume.shape, volume.min(), volume.max())
+        logger.info("DICOM series %r (%r) -> %s: %s voxels, HU %g..%g", meta["SeriesInstanceUID"],
+                    meta.get("SeriesDescription", ""), path.name, volume.shape, volume.min(), volume.max())
         op_output.emit([path], "masks")
 
 

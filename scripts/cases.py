@@ -25,6 +25,7 @@ from monai.transforms import apply_transform
 from scripts.cli import BatchError
 from scripts.data.datalist import case_id
 from scripts.io import MASK_SUFFIXES, atomic_write, mask_suffix
+from scripts.paths import safe_name
 
 __all__ = ["file_sha256", "list_inputs", "case_name", "case_datalist", "CaseDataset", "infer_case", "predict_case",
            "CaseReport"]
@@ -57,9 +58,10 @@ def list_inputs(source: str | os.PathLike | Sequence) -> list[Path]:
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """Output folder name of an input file: its name without the mask suffix."""
+    """Output folder name of an input file: its name without the mask suffix, made safe by
+    :func:`scripts.paths.safe_name` (a name with ``..``, spaces or non-ASCII letters gets a hash suffix)."""
     name = Path(path).name
-    return name[: -len(mask_suffix(name))]
+    return safe_name(name[: -len(mask_suffix(name))])
 
 
 def case_datalist(inputs: str | os.PathLike | Sequence) -> list[dict]:

@@ -12,6 +12,7 @@ from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.distributed import is_main_process, unwrap
+from scripts.weights import UnsafeFileError, read_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,14 @@ def prune_rolling_checkpoints(ckpt_dir: str | os.PathLike, n_saved: int) -> None
 
 def _newest_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[str, dict] | None:
     """(path, stored objects, tensors memory-mapped) of the newest loadable checkpoint in ckpt_dir, or None;
-    see :func:`latest_checkpoint`."""
+    see :func:`latest_checkpoint`. A checkpoint that could run code when loaded raises UnsafeFileError."""
     latest, latest_iteration = None, -1
     for path in checkpoint_files(ckpt_dir):
         try:  # mmap: the zip directory is checked and the trainer state read without loading tensors
-            stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            stored = read_weights_file(path, mmap=True)
             iteration = int(stored["trainer"]["iteration"])
+        except UnsafeFileError:  # tampered with, not cut short: stop rather than resume from an older one
+            raise
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, not fatal
             logger.warning("skipping unreadable checkpoint %s: %s", path, err)
             continue

@@ -28,9 +28,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.implant import largest_component
-from scripts.io import MaskError, load_volume, mask_spacing, validate_mask
+from scripts.io import MAX_INPUT_VOXELS, MaskError, load_volume, mask_spacing, validate_mask
 
-__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "looks_like_ct",
+__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "check_max_voxels", "looks_like_ct",
            "skull_from_ct", "load_skull", "LoadSkulld"]
 
 DEFAULT_BONE_HU = 150.0
@@ -78,15 +78,24 @@ def skull_from_ct(ct: MetaTensor, bone_threshold_hu: float = DEFAULT_BONE_HU, na
                          name)
 
 
-def load_skull(path: str | os.PathLike, input_type: str = "auto",
-               bone_threshold_hu: float = DEFAULT_BONE_HU) -> tuple[MetaTensor, str]:
+def check_max_voxels(value) -> int:
+    """``value`` as a positive int, else raise ValueError naming ``--max_input_voxels``."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--max_input_voxels: expected a positive whole number of voxels, got {value!r}")
+    return int(text)
+
+
+def load_skull(path: str | os.PathLike, input_type: str = "auto", bone_threshold_hu: float = DEFAULT_BONE_HU,
+               max_input_voxels: int = MAX_INPUT_VOXELS) -> tuple[MetaTensor, str]:
     """A skull mask or a CT file -> (skull mask (1, X, Y, Z) uint8 {0, 1}, "mask" or "ct").
 
     ``input_type``: "mask" (binary, validated), "ct" (HU, see :func:`skull_from_ct`) or "auto" (CT if
-    :func:`looks_like_ct`, else mask); the decision is logged.
+    :func:`looks_like_ct`, else mask); the decision is logged. A file over ``max_input_voxels`` is refused
+    from its header (:func:`scripts.io.check_input_size`).
     """
     kind = check_input_type(input_type)
-    img = load_volume(path)
+    img = load_volume(path, max_input_voxels)
     if kind == "auto":
         kind = "ct" if looks_like_ct(img) else "mask"
         logger.info("%s: values %g..%g, read as %s (--input_type auto)", path, float(img.min()), float(img.max()),
@@ -99,18 +108,18 @@ def load_skull(path: str | os.PathLike, input_type: str = "auto",
 class LoadSkulld(MapTransform):
     """Dictionary version of :func:`load_skull`: each key's file -> its skull mask (1, X, Y, Z); the
     decision ("mask" or "ct") goes to ``kind_key`` and the bone threshold used (None for a mask) to
-    ``"bone_threshold_hu"``. Bad ``input_type`` / ``bone_threshold_hu`` values
+    ``"bone_threshold_hu"``. Bad ``input_type`` / ``bone_threshold_hu`` / ``max_input_voxels`` values
     fail here, when the transform is built, not once per case."""
 
     def __init__(self, keys: KeysCollection, input_type: str = "auto", bone_threshold_hu: float = DEFAULT_BONE_HU,
-                 kind_key: str = "input_type") -> None:
+                 kind_key: str = "input_type", max_input_voxels: int = MAX_INPUT_VOXELS) -> None:
         super().__init__(keys)
         self.input_type, self.bone_threshold_hu = check_input_type(input_type), check_bone_threshold(bone_threshold_hu)
-        self.kind_key = kind_key
+        self.kind_key, self.max_input_voxels = kind_key, check_max_voxels(max_input_voxels)
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key], d[self.kind_key] = load_skull(d[key], self.input_type, self.bone_threshold_hu)
+            d[key], d[self.kind_key] = load_skull(d[key], self.input_type, self.bone_threshold_hu, self.max_input_voxels)
             d["bone_threshold_hu"] = self.bone_threshold_hu if d[self.kind_key] == "ct" else None
         return d

@@ -8,6 +8,9 @@ rejected.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +32,9 @@ __all__ = [
     "MaskError",
     "mask_suffix",
     "read_header_geometry",
+    "PEAK_BYTES_PER_VOXEL",
+    "MAX_INPUT_VOXELS",
+    "check_input_size",
     "affine_spacing",
     "mask_spacing",
     "is_isotropic",
@@ -44,6 +50,13 @@ __all__ = [
 ]
 
 MASK_SUFFIXES = (".nrrd", ".nii.gz", ".nii")
+# Peak memory of one inference case per input voxel: 12 B measured for loading + preprocessing an isotropic int16
+# CT (256^3, ru_maxrss, configs/inference.json's preprocessing), about as much again for the input-grid results
+# (implant, ensemble members, float32 variance, writer copies), and room for an anisotropic input's resampling.
+PEAK_BYTES_PER_VOXEL = 32
+MAX_INPUT_VOXELS = 24 * 1024**3 // PEAK_BYTES_PER_VOXEL  # what 24 GB holds: 805,306,368 voxels (about 930^3)
+_NRRD_COMPRESSED = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "gz": lambda f: gzip.GzipFile(fileobj=f),
+                    "bzip2": bz2.BZ2File, "bz2": bz2.BZ2File}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -76,6 +89,11 @@ def mask_suffix(path: str | os.PathLike) -> str:
     raise MaskError(f"{path}: unsupported file type, expected one of {', '.join(MASK_SUFFIXES)}")
 
 
+def _reason(err: BaseException) -> str:
+    """A reader's error as one line: "<type>: <message>" (readers' messages may span lines)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
     """Read (shape, spacing in mm) from the file header only, without loading voxels.
 
@@ -100,7 +118,39 @@ def read_header_geometry(path: str | os.PathLike) -> tuple[tuple[int, ...], tupl
         shape = tuple(int(s) for s in header.get_data_shape())
         return shape, tuple(float(z) for z in header.get_zooms()[: len(shape)])
     except Exception as err:  # pynrrd / nibabel raise many types for corrupt or non-image files
-        raise MaskError(f"{path}: not a readable {suffix} image ({type(err).__name__}: {err})") from err
+        raise MaskError(f"{path}: not a readable {suffix} image ({_reason(err)})") from err
+
+
+def check_input_size(path: str | os.PathLike, shape: Sequence[int], max_voxels: int = MAX_INPUT_VOXELS) -> None:
+    """Refuse, before anything of that size is allocated, an input whose header ``shape`` exceeds ``max_voxels``,
+    an NRRD with detached data (``data file``: a path chosen by the file) and a compressed NRRD whose data
+    inflates beyond 8 bytes per header voxel (a decompression bomb: pynrrd would inflate all of it into memory;
+    counted in 1 MiB chunks). Raises MaskError naming the file."""
+    voxels = math.prod(shape)
+    if voxels > max_voxels:
+        raise MaskError(f"{path}: header claims {' x '.join(map(str, shape))} = {voxels:,} voxels, over the limit of "
+                        f"{max_voxels:,} (--max_input_voxels); refused before loading")
+    if mask_suffix(path) != ".nrrd":
+        return  # nibabel reads exactly the header's number of bytes from a .nii.gz stream
+    header = nrrd.read_header(str(path))
+    if "data file" in header or "datafile" in header:
+        raise MaskError(f"{path}: detached NRRD data ('data file') is not supported; store the voxels in the .nrrd")
+    opener = _NRRD_COMPRESSED.get(str(header.get("encoding", "")).lower())
+    if opener is None:
+        return
+    bound, inflated = 8 * voxels + max(int(header.get("byte skip", 0)), 0), 0
+    try:
+        with open(path, "rb") as f:
+            while f.readline().strip():  # the header ends at the first empty line
+                pass
+            with opener(f) as stream:
+                while inflated <= bound and (chunk := stream.read(1 << 20)):
+                    inflated += len(chunk)
+    except (OSError, EOFError, ValueError) as err:
+        raise MaskError(f"{path}: cannot read image data (corrupt {header['encoding']} data, {_reason(err)})") from None
+    if inflated > bound:
+        raise MaskError(f"{path}: {header['encoding']} data inflates beyond the {voxels:,} voxels its header "
+                        "claims; refused before loading")
 
 
 def affine_spacing(affine) -> np.ndarray:
@@ -169,26 +219,30 @@ class ValidateMaskd(MapTransform):
         return d
 
 
-def load_volume(path: str | os.PathLike) -> MetaTensor:
+def load_volume(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> MetaTensor:
     """Load a 3D image without checking its values -> MetaTensor (1, X, Y, Z) with RAS affine.
 
-    The header is checked first (cheap, and gives clear messages for 2D/4D data and missing
-    spacing, which would otherwise surface as opaque reader errors).
+    The header is checked first (cheap, and gives clear messages for 2D/4D data, missing
+    spacing and oversized or inflating data (:func:`check_input_size`), which would otherwise surface as
+    opaque reader errors or exhaust memory).
     """
     path = Path(path)
     shape, spacing = read_header_geometry(path)
     if len(shape) != 3:
         raise MaskError(f"{path}: expected a 3D volume, got {len(shape)}D data of shape {shape}")
+    if min(shape) < 1:
+        raise MaskError(f"{path}: no voxels, the header gives shape {shape}")
     _check_spacing(spacing, str(path))
+    check_input_size(path, shape, max_voxels)
     try:
         return LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     except Exception as err:  # readers raise RuntimeError/ValueError/OSError/... for corrupt data
-        raise MaskError(f"{path}: cannot read image data ({type(err).__name__}: {err})") from err
+        raise MaskError(f"{path}: cannot read image data ({_reason(err)})") from err
 
 
-def load_mask(path: str | os.PathLike) -> MetaTensor:
+def load_mask(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> MetaTensor:
     """Load and validate a binary mask -> MetaTensor (1, X, Y, Z) uint8 with RAS affine."""
-    return validate_mask(load_volume(path), str(path))
+    return validate_mask(load_volume(path, max_voxels), str(path))
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], overwrite: bool = False) -> Path:

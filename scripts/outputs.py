@@ -28,8 +28,9 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
-from scripts.cases import file_sha256
 from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_spacing, mask_suffix, save_mask
+from scripts.paths import inside
+from scripts.weights import weights_hash
 
 __all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
            "SaveCased"]
@@ -249,7 +250,8 @@ class SaveCased(Transform):
     ``implant_mean`` and ``implant_variance`` (float32); for a CT the derived ``skull_mask``; then
     ``implant.stl`` (mm, LPS), ``preview.png`` and ``summary.json``. The folder is built in a temporary
     sibling and renamed into place, so a crash never leaves partial results; an existing result folder
-    raises FileExistsError unless ``overwrite``. ``weights``: files whose SHA-256 the summary records.
+    raises FileExistsError unless ``overwrite``. ``weights``: files whose SHA-256 the summary records, with
+    ``weights_verified``: whether each matches large_files.yml (null: not listed there, e.g. user-trained).
 
     Reads the keys the inference config's pipeline sets: ``case``, ``input``, ``skull`` (input-grid mask),
     ``input_type``, ``bone_threshold_hu``, ``pred`` (generator result), ``implant``, ``implant_members``,
@@ -264,12 +266,13 @@ class SaveCased(Transform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         path, name, img = Path(d["input"]), d["case"], d["skull"]
-        final_dir = self.output_dir / name
+        final_dir = inside(self.output_dir, self.output_dir / name)
         if final_dir.exists() and not self.overwrite:
             raise FileExistsError(f"{final_dir}: results exist already (pass overwrite=True / --overwrite true)")
         if final_dir.resolve() == path.parent.resolve():
             raise ValueError(f"{final_dir}: output folder is the input's folder; choose another output_dir")
         suffix, spacing = mask_suffix(path), mask_spacing(img)
+        hashes = {w.name: weights_hash(w) for w in self.weights}
         implant, members, variance = d["implant"], d["implant_members"], d["implant_variance"]
         defective = np.asarray(img[0]) > 0
         with atomic_folder(final_dir, self.overwrite) as tmp:
@@ -302,7 +305,8 @@ class SaveCased(Transform):
                 "member_voxels": [int(m.sum()) for m in pred["implants"]],
                 **frame,
                 **pred["settings"],
-                "weights": {w.name: file_sha256(w) for w in self.weights},
+                "weights": {name: sha for name, (sha, _, _) in hashes.items()},
+                "weights_verified": {name: verified for name, (_, verified, _) in hashes.items()},
                 "timings_s": {**({"frame": round(frame_seconds, 3)} if frame_seconds is not None else {}),
                               **{k: round(v, 3) for k, v in pred["timings"].items()},
                               "total": round(time.perf_counter() - d["started"], 3)},

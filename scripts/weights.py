@@ -6,25 +6,46 @@ entry (recipe name, preset, point counts and, for the denoiser, prediction type 
 the bundle version that wrote the file. Training checkpoints keep their state dict under the same key
 (``network``, or ``ema_network`` for the EMA weights), so MONAI's tools read both kinds of file with
 ``key_in_ckpt="network"``.
+
+Every torch file is read with ``weights_only=True`` (:func:`read_weights_file`): a file whose pickle would
+import or call anything beyond tensors and plain containers is refused, so a swapped download cannot run
+code. Torch's default allow-list covers every file the bundle writes (``models/*.pt`` and the training
+checkpoints, MONAI's ``CheckpointLoader`` included), so no further globals are allow-listed.
+
+A file listed in the bundle's ``large_files.yml`` (by its path below the bundle root) is checked against
+the listed SHA-256 when loaded (:func:`weights_hash`): a mismatch is logged as a warning, or refused with
+``strict_weights``. User-trained files are not listed; they load unchecked (``verified`` None).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import yaml
 from monai.bundle import ConfigParser
 
+from scripts.cases import file_sha256
 from scripts.io import atomic_write
 
-__all__ = ["STATE_KEY", "RECIPE_KEY", "save_weights", "read_weights_file", "recipe_of", "read_recipe", "check_recipe",
-           "load_weights"]
+__all__ = ["STATE_KEY", "RECIPE_KEY", "UnsafeFileError", "save_weights", "read_weights_file", "recipe_of", "read_recipe",
+           "check_recipe", "MANIFEST", "weights_hash", "load_weights"]
 
 STATE_KEY = "network"
 RECIPE_KEY = "recipe"
+MANIFEST = Path(__file__).resolve().parents[1] / "large_files.yml"  # the bundle's Model Zoo manifest
+
+logger = logging.getLogger(__name__)
+
+
+class UnsafeFileError(ValueError):
+    """A torch file needs more than tensors and plain containers to load (it could run code); it is refused."""
 
 
 def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, overwrite: bool = False) -> Path:
@@ -33,16 +54,25 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping, recipe: Mapping, 
     return atomic_write(path, lambda tmp: torch.save({STATE_KEY: state, RECIPE_KEY: dict(recipe)}, tmp), overwrite)
 
 
-def read_weights_file(path: str | os.PathLike) -> dict:
-    """The stored object of a weights file, training checkpoint or bare state dict (on the CPU).
-    Raises FileNotFoundError / ValueError naming the file when it is missing or cannot be read."""
+def read_weights_file(path: str | os.PathLike, mmap: bool = False):
+    """The stored object of a weights file, training checkpoint or bare state dict, read with
+    ``weights_only=True`` onto the CPU (``mmap``: tensors memory-mapped, not read).
+
+    Raises FileNotFoundError when ``path`` is missing, :class:`UnsafeFileError` naming the file (and the
+    global it asks for) when loading it could run code, ValueError naming the file when it is unreadable.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch's errors for a cut-short or foreign file do not name it
-        raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): {err}") from err
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch's errors do not name the file
+        unsafe = re.search(r"GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if unsafe:  # the weights-only unpickler refused to import something: the file asks to run code
+            raise UnsafeFileError(f"{path}: refused: loading it would import {unsafe.group(1)}, which can run code; "
+                                  "weights and checkpoints hold only tensors and plain values") from None
+        raise ValueError(f"{path}: cannot read the weights file (corrupt or not a torch file): "
+                         f"{type(err).__name__}: {next(iter(str(err).splitlines()), '')}") from None
 
 
 def training_recipe(config: str | os.PathLike | Sequence[str | os.PathLike],
@@ -95,13 +125,35 @@ def check_recipe(stored: Mapping | None, expected: Mapping, path: str | os.PathL
                              f"(recipe {stored.get('name')!r}), the config expects {value!r}")
 
 
+def weights_hash(path: str | os.PathLike, manifest: str | os.PathLike = MANIFEST) -> tuple[str, bool | None, str]:
+    """(SHA-256 of ``path``, whether it equals the ``hash_val`` that ``manifest`` lists for the same file
+    (None when the file is not listed), the listed hash or "")."""
+    manifest, target = Path(manifest), Path(path).resolve()
+    entries = ((yaml.safe_load(manifest.read_text()) or {}).get("large_files") or []) if manifest.is_file() else []
+    root = manifest.resolve().parent
+    listed = next((str(e.get("hash_val", "")).lower() for e in entries if (root / e["path"]).resolve() == target), None)
+    sha = file_sha256(path)
+    return sha, None if listed is None else sha == listed, listed or ""
+
+
 def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = STATE_KEY,
-                 recipe: Mapping | None = None) -> torch.nn.Module:
+                 recipe: Mapping | None = None, strict_weights: bool = False,
+                 manifest: str | os.PathLike = MANIFEST) -> torch.nn.Module:
     """Load the ``key`` state dict of a weights file or training checkpoint (or a bare state dict) into network.
 
-    With ``recipe`` the file's recipe must agree with it on every key (see :func:`check_recipe`).
-    Raises FileNotFoundError / ValueError naming the file when it is missing or does not fit.
+    With ``recipe`` the file's recipe must agree with it on every key (see :func:`check_recipe`). A file
+    listed in ``manifest`` (large_files.yml) whose SHA-256 differs is loaded with a warning, or refused with ``strict_weights``.
+    Raises FileNotFoundError / ValueError naming the file when it is missing, altered (strict) or does not fit.
     """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    sha, verified, listed = weights_hash(path, manifest)
+    if verified is False:
+        message = (f"{path}: SHA-256 {sha} differs from {listed} listed in {manifest}: not the released file "
+                   f"(after training new weights, refresh the hashes: python -m tools.large_files)")
+        if strict_weights:
+            raise ValueError(f"{message}; refused (--strict_weights true)")
+        logger.warning("%s; loading it anyway (--strict_weights true refuses it)", message)
     stored = read_weights_file(path)
     if recipe is not None:
         check_recipe(recipe_of(stored), recipe, path)

@@ -104,6 +104,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert summary["num_samples"] == 2 and summary["sampler"] == "ddim" and summary["network_calls"] == 10
     assert summary["prior"] == ["mirror", "mirror"] and min(summary["prior_fraction"]) > 0.5
     assert set(summary["weights"]) == {"model.pt", "model_voxelizer.pt"}
+    assert summary["weights_verified"] == {"model.pt": True, "model_voxelizer.pt": True}  # large_files.yml
     assert summary["implant_volume_ml"] > 5
     index = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [s["case_id"] for s in index["cases"]] == ["case"] and index["failed"] == []

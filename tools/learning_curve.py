@@ -21,13 +21,12 @@ import json
 from pathlib import Path
 
 import fire
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.checkpoints import KEPT_FOLDER, checkpoint_files
 from scripts.evaluate import evaluate_predictions
 from scripts.io import atomic_write
-from scripts.weights import export_weights
+from scripts.weights import export_weights, read_weights_file
 from tools.quality_study import GUARDS_OFF, SETTINGS, _run, held_out_cases
 
 RECIPE = ("configs/train_base.json", "configs/train_diffusion.json", "configs/recipes/denoiser_small.json")
@@ -51,11 +50,12 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
     ``start_iterations``: iterations already in the run's ``init_weights`` (a warm start), counted
     into its CPU-hours. ``config``: the run's training config(s), for the weights files' recipe.
     ``ckpt_dir``: the run's checkpoint folder, if not ``<run_dir>/checkpoints``."""
+    kept = checkpoint_files(Path(ckpt_dir or Path(run_dir) / "checkpoints") / KEPT_FOLDER)
+    trainers = [read_weights_file(checkpoint, mmap=True)["trainer"] for checkpoint in kept]  # a refused file stops here
     cases = held_out_cases(dataset_dir, num_cases)
     chamfer_by_epoch = val_chamfer(run_dir)
     rows = []
-    for checkpoint in checkpoint_files(Path(ckpt_dir or Path(run_dir) / "checkpoints") / KEPT_FOLDER):
-        trainer = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["trainer"]
+    for checkpoint, trainer in zip(kept, trainers):
         iteration = int(trainer["iteration"])
         if iteration % every:
             continue

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.io import MASK_SUFFIXES, MaskError, mask_suffix, read_header_geometry
+from scripts.paths import safe_name
 
 __all__ = [
     "SPLIT_FILES",
@@ -57,14 +58,15 @@ _SPLITS = ("train", "test", "all")
 
 def case_id(entry: Mapping) -> str:
     """Name of a case's output folder: "<defect>_<case>" (SkullBreak), "skullfix_<case>" (SkullFix),
-    else the defective-skull file name without its suffix."""
+    else the defective-skull file name without its suffix; made safe by :func:`scripts.paths.safe_name`
+    (folder and file names are untrusted)."""
     dataset = entry.get("dataset")
     if dataset == "skullbreak":
-        return f"{entry['defect']}_{entry['case']}"
+        return safe_name(f"{entry['defect']}_{entry['case']}")
     if dataset == "skullfix":
-        return f"skullfix_{entry['case']}"
+        return safe_name(f"skullfix_{entry['case']}")
     name = Path(entry["defective"]).name
-    return name[: -len(mask_suffix(name))]
+    return safe_name(name[: -len(mask_suffix(name))])
 
 
 def make_split(case_ids: Iterable[str], num_test: int, seed: int = 0) -> dict[str, list[str]]:
