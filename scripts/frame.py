@@ -54,11 +54,19 @@ MAX_POINTS = 10000
 SEARCH_DEG = 40.0  # plane normals searched around the header's left-right axis (poses up to 25 deg per axis)
 SEARCH_OFFSETS_MM = np.arange(-15.0, 15.1, 3.0)  # plane offsets searched around the centroid
 SCORE_CAP_MM = 5.0
+PROBE_POINTS = 250  # surface points that score each candidate plane
+ICP_POINTS = 4000  # surface points in each ICP (the plane's, the canonical skull's)
 ICP_DISTANCE_MM = 6.0  # correspondences of the final mirror-to-skull ICP
 # median mirror-to-skull distance above which the skull is not symmetric enough for a frame (mm);
 # upright generator skulls with any defect class: 1.0-2.5 mm (tools/pose_study.py)
 MAX_RESIDUAL_MM = 6.0
 MIN_POINTS = 500  # fewer surface points: a fragment, no frame
+# a whole skull spans 0.55-1.5 x the reference (an infant's to a large adult's head), else a fragment
+MIN_SCALE, MAX_SCALE = 0.55, 1.5
+# share of the canonical skull within 8 mm of the bone and its mirror image after the fit, below which
+# the bone is no whole vault (training skulls with any defect class: 0.91 or more, tools/pose_study.py
+# calibrate; half a skull: 0.43)
+MIN_COVERAGE = 0.7
 TEMPLATE = Path(__file__).resolve().parents[1] / "models" / "canonical_skull.npy"
 # mean of the left-right and front-back extents (1st-99th percentile) of upright training skulls (mm)
 REFERENCE_SIZE_MM = 160.0
@@ -117,9 +125,13 @@ class SkullSurface:
 
     def distance(self, points: np.ndarray) -> np.ndarray:
         """Distance (mm) from world points (..., 3) to the skull's boundary, capped at ``SCORE_CAP_MM``."""
-        coords = _apply(self.to_grid, points.reshape(-1, 3)).T
-        d = ndimage.map_coordinates(self.edt, coords, order=1, mode="constant", cval=SCORE_CAP_MM)
-        return np.minimum(d, SCORE_CAP_MM).reshape(points.shape[:-1])
+        return self.grid_distance(_apply(self.to_grid, points.reshape(-1, 3)).reshape(points.shape))
+
+    def grid_distance(self, coords: np.ndarray) -> np.ndarray:
+        """:meth:`distance` of points (..., 3) given in the distance map's voxel coordinates."""
+        flat = coords.reshape(-1, 3).T
+        d = ndimage.map_coordinates(self.edt, flat, order=1, mode="constant", cval=SCORE_CAP_MM)
+        return np.minimum(d, SCORE_CAP_MM).reshape(coords.shape[:-1])
 
 
 def _reflection(normal: np.ndarray, offset: float) -> np.ndarray:
@@ -136,10 +148,13 @@ def _apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 def _plane_scores(surface: SkullSurface, probe: np.ndarray, normals: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Mean capped distance of the ``probe`` points (P, 3) mirrored across each plane n_c.x = o_co to the
-    skull, for ``normals (C, 3)`` and ``offsets (C, O)``: (C, O)."""
-    shift = 2.0 * (offsets[None] - (probe @ normals.T)[:, :, None])  # (P, C, O): mirrored = p + shift n
-    mirrored = probe[:, None, None, :] + shift[..., None] * normals[None, :, None, :]
-    return surface.distance(mirrored).mean(axis=0)
+    skull, for ``normals (C, 3)`` and ``offsets (C, O)``: (C, O). Computed in the distance map's voxel
+    coordinates: mirrored = p + shift n there as in the world."""
+    shift = 2.0 * (offsets[None] - (probe @ normals.T)[:, :, None])  # (P, C, O)
+    probe_grid = _apply(surface.to_grid, probe).astype(np.float32)
+    normals_grid = (normals @ surface.to_grid[:3, :3].T).astype(np.float32)
+    mirrored = probe_grid[:, None, None, :] + shift[..., None].astype(np.float32) * normals_grid[None, :, None, :]
+    return surface.grid_distance(mirrored).mean(axis=0)
 
 
 def _around(normal: np.ndarray, max_deg: float, step_deg: float) -> np.ndarray:
@@ -174,7 +189,7 @@ def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarr
     from there; the plane is read off the fitted reflection.
     """
     points = surface.points
-    probe = points[:: max(1, len(points) // 400)]
+    probe = points[:: max(1, len(points) // PROBE_POINTS)]
     normals = sphere_directions(3000)  # about 4 degrees apart
     normals = normals[normals @ lateral >= np.cos(np.radians(SEARCH_DEG))]
     normal, offset = _best_plane(surface, probe, normals, points.mean(axis=0), SEARCH_OFFSETS_MM)
@@ -183,7 +198,7 @@ def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarr
     source, target = o3d.geometry.PointCloud(), o3d.geometry.PointCloud()
     target.points = o3d.utility.Vector3dVector(points)
     reflection = _reflection(normal, offset)
-    source.points = o3d.utility.Vector3dVector(_apply(reflection, points))
+    source.points = o3d.utility.Vector3dVector(_apply(reflection, points[:: max(1, len(points) // ICP_POINTS)]))
     fit = o3d.pipelines.registration.registration_icp(
         source, target, ICP_DISTANCE_MM, np.eye(4), o3d.pipelines.registration.TransformationEstimationPointToPoint(),
         o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
@@ -221,7 +236,15 @@ def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadF
     long_axis = vectors[:, -1] * np.sign(vectors[:, -1] @ anterior)
     rotation = np.stack([normal, long_axis, np.cross(normal, long_axis)], axis=1)
     size = _size(both, rotation)
-    rotation = _fit_pitch(both, rotation, _box_centre(both, rotation), size)
+    if not MIN_SCALE <= size / REFERENCE_SIZE_MM <= MAX_SCALE:
+        logger.warning("head frame: the bone spans %.0f mm, not a whole skull (%.0f-%.0f mm), using the header's "
+                       "axes", size, MIN_SCALE * REFERENCE_SIZE_MM, MAX_SCALE * REFERENCE_SIZE_MM)
+        return HeadFrame(np.eye(3), header.centre, REFERENCE_SIZE_MM, residual, "header")
+    rotation, coverage = _fit_pitch(both, rotation, _box_centre(both, rotation), size)
+    if coverage < MIN_COVERAGE:
+        logger.warning("head frame: the bone and its mirror image cover only %.0f %% of the canonical skull (< %.0f "
+                       "%%), using the header's axes", 100 * coverage, 100 * MIN_COVERAGE)
+        return HeadFrame(np.eye(3), header.centre, REFERENCE_SIZE_MM, residual, "header")
     return HeadFrame(rotation, _box_centre(both, rotation), size, residual, "skull")
 
 
@@ -234,24 +257,28 @@ def canonical_skull() -> o3d.geometry.PointCloud:
     return cloud
 
 
-def _fit_pitch(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray, size: float) -> np.ndarray:
-    """``rotation``'s front-back axis turned about its left-right axis to where rigid ICP of the skull's
+def _fit_pitch(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray, size: float) -> tuple[np.ndarray, float]:
+    """``rotation`` (3, 3) with its front-back axis turned about its left-right axis to where rigid ICP of the skull's
     points (N, 3) world mm onto the canonical skull puts it. The principal axis alone tips with a large
-    defect (up to 11 degrees on training skulls); the skull's profile (forehead, orbits, base) does not."""
-    local = (points - centre) @ rotation * (REFERENCE_SIZE_MM / size)
+    defect (up to 11 degrees on training skulls); the skull's profile (forehead, orbits, base) does not.
+    Also returns the fit's coverage: the share of the canonical skull within 8 mm of the points."""
+    local = (points[:: max(1, len(points) // ICP_POINTS)] - centre) @ rotation * (REFERENCE_SIZE_MM / size)
     source = o3d.geometry.PointCloud()
     source.points = o3d.utility.Vector3dVector(local)
     transform = np.eye(4)
     for distance in (20.0, 8.0):  # mm: a coarse pass, then a tight one
-        transform = o3d.pipelines.registration.registration_icp(
+        fit = o3d.pipelines.registration.registration_icp(
             source, canonical_skull(), distance, transform,
             o3d.pipelines.registration.TransformationEstimationPointToPoint(),
-            o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30)).transformation
+            o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
+        transform = fit.transformation
+    fitted = o3d.geometry.PointCloud(source).transform(transform)
+    coverage = o3d.pipelines.registration.evaluate_registration(canonical_skull(), fitted, 8.0, np.eye(4)).fitness
     anterior = rotation @ transform[:3, :3].T[:, 1]  # the canonical front-back axis, in world coordinates
     normal = rotation[:, 0]
     anterior = anterior - (anterior @ normal) * normal
     anterior /= np.linalg.norm(anterior)
-    return np.stack([normal, anterior, np.cross(normal, anterior)], axis=1)
+    return np.stack([normal, anterior, np.cross(normal, anterior)], axis=1), float(coverage)
 
 
 def _box_centre(points: np.ndarray, rotation: np.ndarray) -> np.ndarray:

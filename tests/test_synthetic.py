@@ -169,3 +169,21 @@ def test_bad_arguments(tmp_path):
         skullbreak_case(0, SIZE).defect("sideways")
     with pytest.raises(FileNotFoundError, match="defective_skull"):
         preview(tmp_path, tmp_path / "x.png")
+
+
+def test_heads_can_be_smaller_or_of_other_proportions_without_changing_the_default_heads():
+    """``head_scale`` / ``head_stretch`` widen the heads from a random stream of their own: the default
+    skull is the same as without them, a 0.8 scale shrinks every extent by about 0.8 (bone thickness
+    stays), and the defect classes still cut a defect out of the smaller head."""
+    from scripts.data.synthetic import skullbreak_case
+
+    extent = lambda mask: np.ptp(np.argwhere(mask), axis=0).astype(float)  # noqa: E731
+    default = skullbreak_case(1, size=64, seed=0)
+    assert np.array_equal(default.complete, skullbreak_case(1, size=64, seed=0, head_scale=None).complete)
+    small = skullbreak_case(1, size=64, seed=0, head_scale=(0.8, 0.8))
+    np.testing.assert_allclose(extent(small.complete) / extent(default.complete), 0.8, atol=0.04)
+    stretched = skullbreak_case(1, size=64, seed=0, head_stretch=0.1)
+    ratio = extent(stretched.complete) / extent(default.complete)
+    assert np.all((ratio > 0.86) & (ratio < 1.14)) and not np.allclose(ratio, 1.0, atol=0.01)
+    defective, implant = small.defect("bilateral")
+    assert implant.sum() > 500 and not (defective & implant).any()

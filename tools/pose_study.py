@@ -30,7 +30,7 @@ from scipy.spatial.transform import Rotation
 
 from scripts.cases import case_datalist, predict_case
 from scripts.data.synthetic import SKULLBREAK_DEFECTS, skullbreak_case
-from scripts.frame import REFERENCE_SIZE_MM, estimate_frame, to_canonical
+from scripts.frame import REFERENCE_SIZE_MM, SkullSurface, _fit_pitch, estimate_frame, to_canonical
 from scripts.io import load_mask, save_mask
 from scripts.metrics import boundary_dice, dice, hd95
 
@@ -147,10 +147,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _mirrored(points: np.ndarray, frame) -> np.ndarray:
+    """World points (N, 3) mirrored across the frame's mid-sagittal plane (through its centre)."""
+    local = (points - frame.centre) @ frame.rotation
+    local[:, 0] = -local[:, 0]
+    return local @ frame.rotation.T + frame.centre
+
+
 def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
     """The frame constants on upright training skulls (generator seed 0): the pitch of the estimated
     long axis against the generator's own skull frame, and the size measure (REFERENCE_SIZE_MM)."""
-    pitches, sizes, times = [], [], []
+    pitches, sizes, times, fitness = [], [], [], []
     for skull_id in range(num_skulls):
         case = skullbreak_case(skull_id, size=size, seed=seed)
         for defect in SKULLBREAK_DEFECTS:
@@ -158,13 +165,17 @@ def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
             start = time.perf_counter()
             frame = estimate_frame(defective, case.affine)
             times.append(time.perf_counter() - start)
+            points = SkullSurface(defective, case.affine).points
+            points = np.concatenate([points, _mirrored(points, frame)])
+            fitness.append(_fit_pitch(points, frame.rotation, frame.centre, frame.size_mm)[1])
             relative = case.skull.rotation.T @ frame.rotation  # estimated axes in the skull's own frame
             pitches.append(float(np.degrees(np.arctan2(relative[2, 1], relative[1, 1]))))
             sizes.append(frame.size_mm)
     print(f"pitch of the long axis against the skull frame: median {np.median(pitches):+.2f} deg "
           f"(IQR {np.percentile(pitches, 25):+.2f}..{np.percentile(pitches, 75):+.2f}); size: median "
           f"{np.median(sizes):.1f} mm (IQR {np.percentile(sizes, 25):.1f}..{np.percentile(sizes, 75):.1f}), "
-          f"REFERENCE_SIZE_MM now {REFERENCE_SIZE_MM}; estimate {np.median(times):.2f} s median")
+          f"REFERENCE_SIZE_MM now {REFERENCE_SIZE_MM}; template coverage min {min(fitness):.3f}; estimate "
+          f"{np.median(times):.2f} s median")
     return {"pitch_deg": pitches, "size_mm": sizes}
 
 

@@ -31,10 +31,10 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from scripts.cases import case_datalist, predict_case
 from scripts.data.datalist import build_datalist
 from scripts.data.points import mask_to_surface_points
-from scripts.data.resample import pad_to_cube
 from scripts.evaluate import evaluate_predictions
 from scripts.generator import ImplantGenerator
-from scripts.io import atomic_write, is_isotropic, load_mask
+from scripts.frame import to_canonical
+from scripts.io import atomic_write, load_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,28 +100,31 @@ def write_headline(path: str | os.PathLike, set_name: str, dataset_dir: str, row
     return headline
 
 
-def true_implant_points(implant_file: str | os.PathLike, side: int, num_points: int, seed: int = 0) -> np.ndarray:
-    """(num_points, 3) Poisson-disk points on the true implant's surface (an isotropic mask on the
-    defective skull's grid), in voxel coords of the side^3 cube the skull is padded to for inference."""
-    implant = load_mask(implant_file)
-    if not is_isotropic(implant):
-        raise ValueError(f"{implant_file}: the true-points setting needs isotropic masks")
-    cube = np.asarray(pad_to_cube(implant, side)[0]) > 0
-    return mask_to_surface_points(cube, num_points, seed=seed)
+def true_implant_points(implant_file: str | os.PathLike, cube_affine: np.ndarray, side: int, num_points: int,
+                        seed: int = 0) -> np.ndarray:
+    """(num_points, 3) Poisson-disk points on the true implant's surface (a mask on the defective skull's
+    grid), in voxel coords of the canonical cube (``cube_affine``, ``side``) the skull is resampled to."""
+    cube = to_canonical(load_mask(implant_file), cube_affine, side)
+    return mask_to_surface_points(np.asarray(cube[0]) > 0, num_points, seed=seed)
 
 
 class TruePointsGenerator(ImplantGenerator):
     """:class:`ImplantGenerator` whose "generated" points are num_target Poisson-disk points on the
-    true implant's surface (file ``truth``, set before each case; isotropic, on the defective skull's
-    grid) instead of diffusion samples, moved by Gaussian noise of ``noise_vox`` voxels per axis
-    (seeded). Every member gets the same implant points with its own condition draw."""
+    true implant's surface (file ``truth``, set before each case, on the defective skull's grid) instead
+    of diffusion samples, moved by Gaussian noise of ``noise_vox`` voxels per axis (seeded). Every member
+    gets the same implant points with its own condition draw."""
 
     truth: str | None = None
     noise_vox: float = 0.0
+    cube_affine: np.ndarray | None = None
+
+    def __call__(self, inputs, network=None) -> dict:
+        self.cube_affine = np.asarray(inputs.affine, dtype=np.float64)  # the canonical cube of this case
+        return super().__call__(inputs, network)
 
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective cube mask (X, Y, Z) -> clouds (K, N, 3) and their implant part (K, num_target, 3), voxel coords."""
-        target = true_implant_points(self.truth, defective.shape[0], self.num_target, self.seed)
+        target = true_implant_points(self.truth, self.cube_affine, defective.shape[0], self.num_target, self.seed)
         target = target + np.random.default_rng(self.seed).normal(0.0, self.noise_vox, target.shape)
         conditions = self.condition_points(defective)  # (K, Nc, 3)
         clouds = np.concatenate([conditions, np.broadcast_to(target, (len(conditions), *target.shape))], axis=1)

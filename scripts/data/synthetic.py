@@ -29,7 +29,7 @@ CLI:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +52,7 @@ __all__ = [
     "Cap",
     "SyntheticCase",
     "sample_skull",
+    "vary_head",
     "sample_defect",
     "apply_defect",
     "skullbreak_case",
@@ -444,17 +445,45 @@ def _check_positive_int(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _make_case(case_id: int, seed: int, shape: tuple[int, int, int]) -> SyntheticCase:
+def vary_head(skull: Skull, rng: np.random.Generator, scale: tuple[float, float], stretch: float) -> Skull:
+    """``skull`` scaled by a factor drawn from ``scale`` (a child's to a large adult's head) and its width,
+    length and height each stretched by a factor drawn from 1 +- ``stretch`` (long, narrow, short, flat
+    heads), about its centre O; bone thickness, holes and the cut plane's angle stay."""
+    factor = rng.uniform(*scale)
+    width, length, height = factor * rng.uniform(1.0 - stretch, 1.0 + stretch, 3)
+    offset = skull.centre - FOV_MM / 2
+    return replace(
+        skull,
+        centre=FOV_MM / 2 + offset * np.array([width, length, height]),
+        half_width=skull.half_width * width,
+        half_length=tuple(b * length for b in skull.half_length),
+        height=skull.height * height,
+        depth=tuple(c * height for c in skull.depth),
+        cut_depth=skull.cut_depth * height,
+        orbits=None if skull.orbits is None else (skull.orbits[0] * width, skull.orbits[1] * height,
+                                                  skull.orbits[2] * width, skull.orbits[3] * height),
+        foramen=None if skull.foramen is None else (skull.foramen[0] * length, skull.foramen[1] * width,
+                                                    skull.foramen[2] * length),
+    )
+
+
+def _make_case(case_id: int, seed: int, shape: tuple[int, int, int], head_scale: tuple[float, float] | None = None,
+               head_stretch: float = 0.0) -> SyntheticCase:
     _check_positive_int("case_id", case_id, 0)
     spacing = tuple(FOV_MM / n for n in shape)
     skull = sample_skull(np.random.default_rng([seed, case_id]))
+    if head_scale is not None or head_stretch:
+        # a stream of its own ([seed, case_id, 0]), so the default skulls stay exactly as they were
+        skull = vary_head(skull, np.random.default_rng([seed, case_id, 0]), head_scale or (1.0, 1.0), head_stretch)
     return SyntheticCase(case_id, seed, skull, skull.mask(shape, spacing), spacing)
 
 
-def skullbreak_case(case_id: int, size: int = 64, seed: int = 0) -> SyntheticCase:
-    """SkullBreak-like case: isotropic size^3 grid, spacing FOV_MM / size."""
+def skullbreak_case(case_id: int, size: int = 64, seed: int = 0, head_scale: tuple[float, float] | None = None,
+                    head_stretch: float = 0.0) -> SyntheticCase:
+    """SkullBreak-like case: isotropic size^3 grid, spacing FOV_MM / size; ``head_scale`` / ``head_stretch``:
+    :func:`vary_head` (default: the adult heads of :func:`sample_skull`)."""
     _check_positive_int("size", size, MIN_SIZE)
-    return _make_case(case_id, seed, (size, size, size))
+    return _make_case(case_id, seed, (size, size, size), head_scale, head_stretch)
 
 
 def skullfix_case(case_id: int, size: int = 64, seed: int = 0) -> SyntheticCase:
@@ -480,16 +509,19 @@ def generate_skullbreak(
     size: int = 64,
     seed: int = 0,
     defects: str | Sequence[str] = SKULLBREAK_DEFECTS,
+    head_scale: tuple[float, float] | None = None,
+    head_stretch: float = 0.0,
 ) -> str:
     """Write root/SkullBreak/{complete_skull, defective_skull/<defect>, implant/<defect>}/XXX.nrrd.
 
-    Returns the dataset folder root/SkullBreak.
+    ``head_scale`` (e.g. ``[0.8, 1.15]``) and ``head_stretch`` (e.g. ``0.1``) widen the heads'
+    sizes and proportions (:func:`vary_head`). Returns the dataset folder root/SkullBreak.
     """
     _check_positive_int("num_cases", num_cases)
     kinds = _defect_kinds(defects)
     out = Path(root) / "SkullBreak"
     for case_id in range(num_cases):
-        case = skullbreak_case(case_id, size, seed)
+        case = skullbreak_case(case_id, size, seed, None if head_scale is None else tuple(head_scale), head_stretch)
         name = f"{case_id:03d}.nrrd"
         _save(out / "complete_skull" / name, case.complete, case.affine)
         for kind in kinds:
