@@ -305,7 +305,7 @@ def canonical_affine(frame: HeadFrame, side: int, spacing_mm: float) -> np.ndarr
 
 def to_canonical(img: MetaTensor, affine: np.ndarray, side: int) -> MetaTensor:
     """Binary mask (1, X, Y, Z) -> uint8 (1, side, side, side) on the grid of ``affine`` (linear
-    interpolation, threshold 0.5, as :func:`scripts.data.resample.to_isotropic`)."""
+    interpolation, threshold 0.5, as :func:`scripts.data.resample.to_original_grid` on the way back)."""
     out = SpatialResample(mode="bilinear", padding_mode="zeros")(
         img.float(), dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=(side,) * 3)
     out = (out >= 0.5).to(torch.uint8)

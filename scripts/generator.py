@@ -138,15 +138,16 @@ class ImplantGenerator(Inferer):
         clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
         return clouds, clouds[:, self.num_condition :]
 
-    def merge_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> list[np.ndarray]:
+    def merge_priors(self, defective: np.ndarray, clouds: np.ndarray) -> list[np.ndarray]:
         """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
         the missing bone (:mod:`scripts.priors`): the mirror's where it covers at least ``shell_below`` of
-        them, else the smooth shell's where that covers more; ``axis``: the grid's left-right axis. Sets
+        them, else the smooth shell's where that covers more (mirrored across the canonical cube's left-right
+        axis 0, :mod:`scripts.frame`). Sets
         ``priors``, ``prior_fractions`` (share of implant points replaced, 0: kept), ``estimates`` (each
         member's :class:`~scripts.priors.RayEstimate`, None where no prior applies) and ``rays``."""
         # rays are cast once per case, from member 0's centre (the bounding-box centre of its condition)
         centre = normalization_params(clouds[0, : self.num_condition])[0]
-        mirror = mirror_transform(defective, axis, seed=self.seed) if self.mirror_prior else None
+        mirror = mirror_transform(defective, 0, seed=self.seed) if self.mirror_prior else None
         self.rays = SkullRays(defective, centre, mirror, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         merged, self.priors, self.prior_fractions, self.estimates = [], [], [], []
@@ -165,10 +166,10 @@ class ImplantGenerator(Inferer):
             self.estimates.append(estimate if prior != "none" else None)
         return merged
 
-    def apply_priors(self, defective: np.ndarray, clouds: np.ndarray, axis: int = 0) -> np.ndarray:
+    def apply_priors(self, defective: np.ndarray, clouds: np.ndarray) -> np.ndarray:
         """Completed clouds (K, N, 3) voxel coords -> the same with the members' implant points merged with
         a prior (:meth:`merge_priors`)."""
-        merged = self.merge_priors(defective, clouds, axis)
+        merged = self.merge_priors(defective, clouds)
         changed = [k for k, prior in enumerate(self.priors) if prior != "none"]
         if not changed:
             return clouds
@@ -208,7 +209,7 @@ class ImplantGenerator(Inferer):
         self.priors, self.prior_fractions, self.estimates = [], [], []
         if self.mirror_prior or self.shell_prior:
             start = time.perf_counter()
-            clouds = self.apply_priors(defective, clouds)  # the canonical cube's axis 0 is left-right
+            clouds = self.apply_priors(defective, clouds)
             generated = clouds[:, self.num_condition :]
             timings["priors"] = time.perf_counter() - start
         start = time.perf_counter()

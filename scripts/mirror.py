@@ -17,15 +17,7 @@ from scipy import ndimage
 
 from scripts.data.points import mask_to_surface_points, normalization_params
 
-__all__ = ["left_right_axis", "mirror_transform", "mirrored_skull"]
-
-
-def left_right_axis(affine: np.ndarray | None) -> int:
-    """The array axis of a volume that runs closest to the patient's left-right (world x) direction,
-    from its 4x4 voxel-to-world ``affine`` (RAS or LPS alike); axis 0 without one."""
-    if affine is None:
-        return 0
-    return int(np.argmax(np.abs(np.asarray(affine, dtype=float)[0, :3])))
+__all__ = ["mirror_transform", "mirrored_skull"]
 
 
 def mirror_transform(

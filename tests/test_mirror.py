@@ -4,19 +4,12 @@ import numpy as np
 import pytest
 
 from scripts.data.synthetic import skullbreak_case
-from scripts.mirror import left_right_axis, mirror_transform, mirrored_skull
+from scripts.mirror import mirror_transform, mirrored_skull
 
 
 @pytest.fixture(scope="module")
 def case():
     return skullbreak_case(0, size=64)
-
-
-def test_left_right_axis_is_the_array_axis_along_world_x():
-    assert left_right_axis(None) == 0
-    assert left_right_axis(np.diag([1.6, 1.6, 1.6, 1.0])) == 0
-    lps_permuted = np.array([[0, 0, -0.8, 0], [0, -0.8, 0, 0], [0.8, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
-    assert left_right_axis(lps_permuted) == 2
 
 
 def _dice(a, b):
