@@ -2,6 +2,7 @@
 
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.utils import set_determinism
 
 
 def train_in_process(config: list[str], dataset_dir, output_dir, **overrides):
@@ -13,6 +14,7 @@ def train_in_process(config: list[str], dataset_dir, output_dir, **overrides):
     )
     workflow.initialize()
     assert workflow.check_properties() == []
+    set_determinism(seed=workflow.parser.get_parsed_content("seed"))  # the network is made here, before `run` seeds
     losses = []
     trainer = workflow.parser.get_parsed_content("train#trainer")
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))

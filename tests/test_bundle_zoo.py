@@ -6,6 +6,7 @@ What can and cannot be exported, and why: docs/bundle_checks.md.
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from monai.apps.utils import check_hash
 from monai.bundle import ckpt_export, verify_net_in_out
 from monai.data import load_net_with_metadata
 
+from scripts.data.synthetic import generate_skullbreak
 from scripts.weights import load_weights
 from tools.large_files import read_manifest, refresh
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
@@ -160,3 +162,115 @@ def test_zipped_bundle_loads_with_config_workflow(tmp_path):
     assert outputs["eps"].shape == (1, 3, 3072) and outputs["indicator"].shape == (1, 1, 64, 64, 64)
     torch.testing.assert_close(outputs["eps"], eps)
     torch.testing.assert_close(outputs["indicator"], ind)
+
+
+# ----------------------------------------------------------------------------- from another folder
+def _bundle_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <args>`` in ``cwd`` (not the bundle), with nothing of the bundle on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def skulls(tmp_path_factory):
+    """Four 40^3 synthetic skulls with a bilateral defect (3 train, 1 test)."""
+    root = tmp_path_factory.mktemp("skulls")
+    generate_skullbreak(root, num_cases=4, size=40, seed=0, defects="bilateral")
+    return root
+
+
+def test_no_config_resolves_anything_before_run():
+    """MONAI puts the bundle root on sys.path in ``run``, after ``initialize``; anything resolved earlier would
+    import ``scripts`` from the working folder and fail from any other one. So no config has an initialize step."""
+    for config in sorted((ROOT / "configs").rglob("*.json")):
+        text = config.read_text()
+        assert '"initialize' not in text, config
+
+
+@pytest.mark.slow
+def test_inference_runs_from_another_folder(tmp_path):
+    run = _bundle_cli("run", "inference", "--config_file", str(INFER), "--bundle_root", str(ROOT),
+                      "--output_dir", str(tmp_path / "out"), "--steps", "2", "--stl", "false", "--preview", "false",
+                      "--progress", "false", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "out" / "defective_skull" / "implant.nrrd").is_file()
+
+
+def test_one_training_iteration_runs_from_another_folder(skulls, tmp_path):
+    configs = [str(ROOT / "configs" / c) for c in ("train_base.json", "train_diffusion.json")]
+    run = _bundle_cli("run", "--config_file", json.dumps(configs), "--bundle_root", str(ROOT),
+                      "--dataset_dir", str(skulls), "--output_dir", str(tmp_path / "run"), "--preset", "tiny",
+                      "--surface_points", "2000", "--batch_size", "2", "--max_epochs", "1", "--epoch_length", "1",
+                      "--val_interval", "100", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=False)["trainer"]["iteration"] == 1
+
+
+def test_evaluation_runs_from_another_folder(skulls, tmp_path):
+    """The ground-truth implants as predictions: DSC 1 on every case."""
+    for implant in (skulls / "SkullBreak" / "implant" / "bilateral").glob("*.nrrd"):
+        (tmp_path / "preds" / f"bilateral_{implant.stem}").mkdir(parents=True)
+        shutil.copy(implant, tmp_path / "preds" / f"bilateral_{implant.stem}" / "implant.nrrd")
+    run = _bundle_cli("run", "--config_file", str(ROOT / "configs" / "evaluate.json"), "--bundle_root", str(ROOT),
+                      "--dataset_dir", str(skulls), "--predictions_dir", str(tmp_path / "preds"), "--split", "all",
+                      "--output_dir", str(tmp_path / "eval"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["num_cases"] == 4 and all(case["dsc"] == 1.0 for case in report["cases"])
+
+
+def test_verify_metadata_and_ckpt_export_run_from_another_folder(tmp_path):
+    schema = ROOT / "configs" / "schema" / "meta_schema_20240725.json"
+    run = _bundle_cli("verify_metadata", "--meta_file", str(META), "--filepath", str(schema), "--hash_type", "sha256",
+                      "--hash_val", hashlib.sha256(schema.read_bytes()).hexdigest(), cwd=tmp_path)
+    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr, run.stderr[-3000:]
+    run = _bundle_cli("ckpt_export", "voxelizer_def", "--filepath", str(tmp_path / "voxelizer.ts"),
+                      "--ckpt_file", str(WEIGHTS["voxelizer_def"]), "--key_in_ckpt", "network", "--meta_file", str(META),
+                      "--config_file", str(INFER), "--bundle_root", str(ROOT), "--use_trace", "True",
+                      "--input_shape", "[1, 3, 3072]", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert load_net_with_metadata(str(tmp_path / "voxelizer.ts"))[1]["version"] == json.loads(META.read_text())["version"]
+
+
+LOAD = """
+import sys, torch
+from monai.bundle import load
+net = load(name="cranial_implant_pcdiff", bundle_dir=sys.argv[1], workflow_type="inference", key_in_ckpt="network",
+           device="cpu", args_file=sys.argv[2])
+torch.save(net.state_dict(), "state.pt")
+print(type(net).__name__)
+"""
+
+
+def load_from_another_folder(bundle_dir: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """``monai.bundle.load`` of ``bundle_dir/cranial_implant_pcdiff`` in a process working in ``cwd``, the bundle root
+    given in an args file (load passes no bundle_root of its own); the network's state dict goes to cwd/state.pt."""
+    args = cwd / "load_args.json"
+    args.write_text(json.dumps({"bundle_root": str(bundle_dir / "cranial_implant_pcdiff")}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", LOAD, str(bundle_dir), str(args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def test_monai_bundle_load_from_another_folder(tmp_path):
+    (tmp_path / "bundles").mkdir()
+    (tmp_path / "bundles" / "cranial_implant_pcdiff").symlink_to(ROOT)
+    run = load_from_another_folder(tmp_path / "bundles", tmp_path)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "PVCNN2Denoiser", run.stderr[-3000:]
+    shipped = torch.load(WEIGHTS["network_def"], weights_only=True)["network"]
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert loaded.keys() == shipped.keys() and all(torch.equal(loaded[k], v) for k, v in shipped.items())
+
+
+def test_missing_named_dataset_fails_in_one_line_with_the_command_that_makes_it(tmp_path):
+    """The one-command training on a fresh clone: no data/synth128_160 -> one line naming the folder and the generator
+    command (160 skulls at 128^3 take too long to make unasked)."""
+    missing = tmp_path / "data" / "synth128_160"
+    run = _bundle_cli("run", "--config_file", str(ROOT / "configs" / "train_denoiser_small.json"), "--bundle_root",
+                      str(ROOT), "--dataset_dir", str(missing), "--output_dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    command = (f"cd {ROOT} && python -m scripts.data.synthetic skullbreak --root {missing} "
+               "--num_cases 160 --size 128 --seed 0")
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"ERROR: {missing}: dataset root folder not found; make it with `{command}`")
