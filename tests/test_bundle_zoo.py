@@ -274,3 +274,18 @@ def test_missing_named_dataset_fails_in_one_line_with_the_command_that_makes_it(
                "--num_cases 160 --size 128 --seed 0")
     assert run.stderr.strip().splitlines()[-1] == (
         f"ERROR: {missing}: dataset root folder not found; make it with `{command}`")
+
+
+def test_paper_preset_without_paper_weights_fails_in_one_line(tmp_path):
+    """--preset paper with the shipped (small) weights, and with a paper weights file that is not there: one line
+    naming the file, saying the shipped weights are the small preset, and the command that trains paper weights."""
+    hint = ("the shipped weights are the 'small' preset, no 'paper' weights ship: train them with `python -m monai.bundle"
+            " run --config_file \"['configs/train_base.json','configs/train_diffusion.json']\" --preset paper")
+    for extra, problem in [([], f"ERROR: {WEIGHTS['network_def']}: recipe mismatch for 'preset'"),
+                           (["--denoiser_weights", str(tmp_path / "paper.pt")],
+                            f"ERROR: weights file not found: {tmp_path / 'paper.pt'}")]:
+        run = _bundle_cli("run", "--config_file", str(INFER), "--bundle_root", str(ROOT), "--preset", "paper",
+                          "--output_dir", str(tmp_path / "out"), *extra, cwd=tmp_path)
+        last = run.stderr.strip().splitlines()[-1]
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert last.startswith(problem) and hint in last, last
