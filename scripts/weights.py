@@ -118,13 +118,13 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = S
 SHIPPED_PRESET = "small"  # the preset of models/model.pt and models/model_voxelizer.pt
 
 
-def load_preset_weights(network: torch.nn.Module, path: str | os.PathLike, recipe: Mapping,
-                        trainer: str) -> torch.nn.Module:
-    """:func:`load_weights` for a job's ``--preset``; when another preset than the shipped one is asked and the
-    file is missing or does not fit, the one-line error also says that the shipped weights are the
-    ``small`` preset and gives the command that trains weights of that preset (``trainer``: its trainer layer)."""
+def load_preset_weights(network: torch.nn.Module, path: str | os.PathLike, recipe: Mapping, trainer: str,
+                        **kwargs) -> torch.nn.Module:
+    """:func:`load_weights` (``kwargs`` go to it) for a job's ``--preset``: when another preset than the shipped
+    one is asked and the file is missing or does not fit, the one-line error also says that the shipped weights
+    are the ``small`` preset and gives the command that trains weights of that preset (``trainer``: its layer)."""
     try:
-        return load_weights(network, path, recipe=recipe)
+        return load_weights(network, path, recipe=recipe, **kwargs)
     except (FileNotFoundError, ValueError) as err:
         preset = recipe.get("preset")
         if preset == SHIPPED_PRESET:
