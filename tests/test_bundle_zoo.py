@@ -358,3 +358,13 @@ def test_release_zip_downloads_runs_inference_and_loads_from_another_folder(tmp_
     shipped = torch.load(WEIGHTS["network_def"], weights_only=True)["network"]
     loaded = torch.load(work / "state.pt", weights_only=True)
     assert loaded.keys() == shipped.keys() and all(torch.equal(loaded[k], v) for k, v in shipped.items())
+
+
+@pytest.mark.parametrize("configs", [["train_base.json", "train_diffusion.json"], ["evaluate.json"]])
+def test_training_and_evaluation_errors_are_one_line(configs, tmp_path):
+    """A missing dataset folder (not one of the named synthetic sets) ends the job with one line naming it."""
+    run = _bundle_cli("run", "--config_file", json.dumps([str(ROOT / "configs" / c) for c in configs]),
+                      "--bundle_root", str(ROOT), "--dataset_dir", str(tmp_path / "nowhere"),
+                      "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1] == f"ERROR: {tmp_path / 'nowhere'}: dataset root folder not found"
