@@ -79,4 +79,7 @@ def release(out_dir: str | os.PathLike, root: str | os.PathLike = BUNDLE_ROOT, o
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(lambda out_dir, overwrite=False: print(release(out_dir, overwrite=overwrite)))
+    from scripts.cli import as_bool, install_error_report
+
+    install_error_report()
+    fire.Fire(lambda out_dir, overwrite=False: print(release(out_dir, overwrite=as_bool(overwrite, "overwrite"))))
