@@ -62,7 +62,10 @@ logger = logging.getLogger("cranial_implant_pcdiff.deploy")
 
 
 def bundle_version(root: Path) -> str:
-    """The bundle's version, from its ``configs/metadata.json`` (the app's version is the bundle's)."""
+    """The bundle's version, from its ``configs/metadata.json`` (the app's version is the bundle's). In a MAP the
+    app sits alone in /opt/holoscan/app and the bundle is its model, under ``HOLOSCAN_MODEL_PATH``."""
+    if not (root / "configs" / "metadata.json").is_file() and "HOLOSCAN_MODEL_PATH" in os.environ:
+        root = find_bundle(os.environ["HOLOSCAN_MODEL_PATH"])
     return json.loads((root / "configs" / "metadata.json").read_text())["version"]
 
 # The DICOM series the app works on: the first CT series of each study.

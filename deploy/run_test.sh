@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 VENV="${DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/cranial_implant_pcdiff/venv_deploy}"
 REQS=(requirements.txt requirements-dev.txt deploy/requirements.txt constraints-cpu.txt)
 
-if ! ldconfig -p 2>/dev/null | grep -q libusb-1.0; then
+if ! ldconfig -p 2>/dev/null | grep libusb-1.0 >/dev/null; then  # not grep -q (its early exit fails the pipe)
   echo "open3d needs libusb-1.0 at import time: run 'bash setup.sh' (or apt-get install libusb-1.0-0) first" >&2
   exit 1
 fi

@@ -4,7 +4,8 @@
 Python literals such as ``False`` into booleans), and a non-empty string is true; configs therefore
 read every boolean option through :func:`as_bool`. MONAI wraps an error raised while a config is
 evaluated in "Failed to evaluate/instantiate ..." RuntimeErrors; :func:`install_error_report` makes
-a job end on the original message instead (configs call it in ``initialize``).
+a job end on the original message instead (configs call it first in ``run``: they have no ``initialize``, see
+docs/bundle_checks.md).
 """
 
 from __future__ import annotations

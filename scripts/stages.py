@@ -10,17 +10,16 @@ so the same command carries on after an interruption.
 
 from __future__ import annotations
 
-import filecmp
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
-from scripts.io import atomic_write
-from scripts.weights import export_weights
+import torch
+
+from scripts.weights import RECIPE_KEY, STATE_KEY, export_weights, read_weights_file, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def stage_dir(output_dir: str | os.PathLike, index: int, name: str) -> Path:
 
 def run_stages(stages: Sequence[dict], trainer_configs: Sequence[str], output_dir: str | os.PathLike,
                weights_file: str | os.PathLike, overrides: dict | None = None, key: str = "ema_network",
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, recipe_name: str | None = None) -> Path:
     """Run the training ``stages`` in order; returns ``weights_file``, the last stage's weights.
 
     stages: dicts with "name", "configs" (overlays after ``trainer_configs``) and optional "overrides"
@@ -70,7 +69,20 @@ def run_stages(stages: Sequence[dict], trainer_configs: Sequence[str], output_di
             export_weights(final, weights, configs, key=key, overwrite=True)
         previous = weights
     out = Path(weights_file)
-    if not (out.is_file() and filecmp.cmp(out, previous, shallow=False)):
-        atomic_write(out, lambda tmp: shutil.copyfile(previous, tmp), overwrite=overwrite)
+    result = read_weights_file(previous)
+    recipe = {**result[RECIPE_KEY], **({"name": recipe_name} if recipe_name else {})}
+    if not (out.is_file() and _holds(out, result[STATE_KEY], recipe)):
+        save_weights(out, result[STATE_KEY], recipe, overwrite=overwrite)
     logger.info(f"weights of the last stage: {out}")
     return out
+
+
+def _holds(path: Path, state: dict, recipe: dict) -> bool:
+    """Whether the file ``path`` is a weights file of exactly ``state`` and ``recipe``."""
+    try:
+        stored = read_weights_file(path)
+    except ValueError:  # not a weights file
+        return False
+    if not isinstance(stored, dict) or stored.get(RECIPE_KEY) != recipe or stored.get(STATE_KEY, {}).keys() != state.keys():
+        return False
+    return all(torch.equal(stored[STATE_KEY][k], v) for k, v in state.items())

@@ -1,7 +1,19 @@
-"""Shared helper of the trainer tests: run a training config in-process and record its losses."""
+"""Shared helpers of the trainer tests: run a training config in-process, hooking its trainer before it trains."""
 
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+
+
+def run_with_trainer_hook(workflow: ConfigWorkflow, hook) -> None:
+    """Run the workflow's ``run`` steps in order, as ``workflow.run()`` does, and call ``hook(train#trainer)``
+    before the last one (``trainer.run()``): the steps before it seed and attach the bundle's own handlers
+    (checkpoint resume first), so the test's handlers come after them, as for a user's. Then finalize."""
+    last = len(workflow.parser["run"]) - 1
+    for step in range(last):
+        workflow.parser.get_parsed_content(f"run#{step}")
+    hook(workflow.parser.get_parsed_content("train#trainer"))
+    workflow.parser.get_parsed_content(f"run#{last}")
+    workflow.finalize()
 
 
 def train_in_process(config: list[str], dataset_dir, output_dir, **overrides):
@@ -12,10 +24,11 @@ def train_in_process(config: list[str], dataset_dir, output_dir, **overrides):
         **overrides,
     )
     workflow.initialize()
-    assert workflow.check_properties() == []
     losses = []
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
-    workflow.run()
-    workflow.finalize()
+
+    def hook(trainer):
+        assert workflow.check_properties() == []  # builds every property: after the seeding step
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+
+    run_with_trainer_hook(workflow, hook)
     return workflow, losses

@@ -46,6 +46,8 @@ OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
 # the training configs of the shipped weights, by the inference.json recipe they must match
 SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_b16.json"],
            "voxelizer_recipe": ["train_voxelizer.json", "recipes/voxelizer_small.json"]}
+# the shipped denoiser comes from the staged command: its recipe is the last stage's, named after that command
+STAGED_NAME = {"denoiser_recipe": json.loads((CONFIGS / "train_denoiser_small.json").read_text())["recipe_name"]}
 CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in [TRAIN_BASE, *TRAINERS, *OVERLAYS]] + [
     [TRAIN_BASE, trainer] for trainer in TRAINERS] + [
     [TRAIN_BASE, *below, overlay] for overlay, stacks in OVERLAYS.items() for below in stacks]
@@ -72,8 +74,8 @@ def test_config_files_parse(configs):
 POSITIONAL = {
     "surface_transforms#3": ("train_diffusion.json", "scripts.data.points.SurfacePointsd"),
     "validate#handlers#2": (TRAIN_BASE, "CheckpointSaver"),
-    "initialize#0": (TRAIN_BASE, "monai.utils.set_determinism"),
-    "initialize#2": (TRAIN_BASE, "scripts.checkpoints.attach_checkpointing"),
+    "run#1": (TRAIN_BASE, "monai.utils.set_determinism"),
+    "run#3": (TRAIN_BASE, "scripts.checkpoints.attach_checkpointing"),
 }
 # where positional overrides are written: configs, code, tests and the current docs' command lines
 OVERRIDE_SOURCES = ["configs/**/*.json", "scripts/**/*.py", "tools/*", "tests/*.py", "deploy/*", "README.md",
@@ -163,7 +165,8 @@ def test_shipped_recipes_are_what_inference_expects():
         wanted = infer.get_parsed_content(expected)
         assert trained["name"] == Path(layers[-1]).stem and {k: trained[k] for k in wanted} == wanted
         shipped = ROOT / "models" / ("model.pt" if expected == "denoiser_recipe" else "model_voxelizer.pt")
-        assert read_recipe(shipped)["name"] == trained["name"]
+        assert read_recipe(shipped) == {**trained, "name": STAGED_NAME.get(expected, trained["name"]),
+                                        "bundle_version": read_recipe(shipped)["bundle_version"]}
 
 
 def test_staged_training_command_ends_with_the_shipped_denoiser_recipe():

@@ -228,3 +228,75 @@ def test_app_on_dicom_ct_series(tmp_path):
     assert seg.SegmentSequence[0].SegmentLabel == "Cranial implant"
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(pixels[..., 0].transpose(2, 1, 0) > 0, implant)  # (slice, row, col) -> (x, y, z)
+
+
+# ----------------------------------------------------------------------------- as in a MAP
+@pytest.fixture(scope="module")
+def map_layout(tmp_path_factory):
+    """The MAP's file layout, without a container: the app alone in opt/holoscan/app (the packager copies the app
+    file's folder, deploy/), the unpacked release zip as the model in opt/holoscan/models, work folder var/holoscan."""
+    from tools.release import release
+
+    root = tmp_path_factory.mktemp("map")
+    shutil.copytree(ROOT / "deploy", root / "opt" / "holoscan" / "app")
+    shutil.unpack_archive(release(root / "release"), root / "opt" / "holoscan" / "models")
+    (root / "var" / "holoscan").mkdir(parents=True)
+    return root
+
+
+def _run_as_map(root: Path, input_path: Path, output_path: Path) -> subprocess.CompletedProcess:
+    """The MAP's entrypoint: ``python3 /opt/holoscan/app/app.py`` with the HOLOSCAN_* paths in the environment and
+    no -i/-o/-m (the app options after it only make the test quicker), nothing of the repository on sys.path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HOLOSCAN_INPUT_PATH=str(input_path),
+               HOLOSCAN_OUTPUT_PATH=str(output_path), HOLOSCAN_MODEL_PATH=str(root / "opt" / "holoscan" / "models"))
+    app = root / "opt" / "holoscan" / "app" / "app.py"
+    return subprocess.run([sys.executable, str(app), "--steps", "2", "--no-preview", "--no-progress"],
+                          cwd=root / "var" / "holoscan", env=env, capture_output=True, text=True, timeout=1800)
+
+
+@requires_sdk
+@pytest.mark.slow
+def test_map_entrypoint_on_a_nifti_ct(map_layout, tmp_path):
+    """A NIfTI head CT made from the sample skull: the derived skull mask is the skull, the implant (NIfTI, the CT's
+    grid) does not overlap it, and the app ran the bundle from the release zip."""
+    import nibabel as nib
+
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.io import load_mask
+
+    sample = load_mask(SAMPLE)
+    skull = np.asarray(sample[0]) > 0
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(synthetic_ct(skull), np.asarray(sample.affine)), tmp_path / "in" / "head_ct.nii.gz")
+    run = _run_as_map(map_layout, tmp_path / "in", tmp_path / "out")
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert f"bundle {map_layout / 'opt' / 'holoscan' / 'models' / 'cranial_implant_pcdiff'}" in log
+    out = tmp_path / "out" / "head_ct"
+    np.testing.assert_array_equal(np.asarray(load_mask(out / "skull_mask.nii.gz")[0]) > 0, skull)
+    implant = load_mask(out / "implant.nii.gz")
+    np.testing.assert_allclose(np.asarray(implant.affine), np.asarray(sample.affine), atol=1e-4)
+    implant = np.asarray(implant[0]) > 0
+    assert implant.sum() > 0 and not (implant & skull).any()
+    assert json.loads((out / "summary.json").read_text())["input_type"] == "ct"
+
+
+@requires_sdk
+@pytest.mark.slow
+def test_map_entrypoint_on_a_dicom_series(map_layout, tmp_path):
+    """The DICOM CT series of the sample skull: implant in the CT's grid and a DICOM SEG referencing the series."""
+    import highdicom as hd
+
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.io import load_mask
+
+    skull = np.asarray(load_mask(SAMPLE)[0]) > 0
+    series, _ = write_ct_series(synthetic_ct(skull), float(load_mask(SAMPLE).affine[0, 0]), tmp_path / "in")
+    run = _run_as_map(map_layout, tmp_path / "in", tmp_path / "out")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    out = tmp_path / "out" / series
+    implant = np.asarray(load_mask(out / "implant.nii.gz")[0]) > 0
+    assert implant.sum() > 0 and not (implant & skull).any()
+    (seg_file,) = out.glob("*.dcm")
+    assert hd.seg.segread(seg_file).ReferencedSeriesSequence[0].SeriesInstanceUID == series

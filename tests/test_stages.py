@@ -57,6 +57,7 @@ def test_stages_hand_their_weights_on_and_a_second_run_skips_finished_stages(dat
     assert all(torch.equal(second_network[k], v) for k, v in start["network"].items())  # started from stage 1
     result = read_weights_file(out / "model.pt")
     assert all(torch.equal(result["network"][k], v) for k, v in end["network"].items())
+    assert result["recipe"] == {**end["recipe"], "name": "train_denoiser_small"}  # named after the staged command
 
     files = [d / name for d in (first, second) for name in ("weights.pt", "checkpoints/final.pt")]
     stamps = [f.stat().st_mtime_ns for f in files]
@@ -71,7 +72,9 @@ def test_stages_hand_their_weights_on_and_a_second_run_skips_finished_stages(dat
     assert isinstance(failure.value.__cause__, FileExistsError) and "other.pt" in str(failure.value.__cause__)
     assert other.read_bytes() == b"not these weights"
     run(**{**command, "weights_file": str(other), "overwrite": True})
-    assert other.read_bytes() == (out / "model.pt").read_bytes()
+    written = read_weights_file(other)  # the same weights and recipe (torch.save names the archive after the file)
+    assert written["recipe"] == result["recipe"]
+    assert all(torch.equal(written["network"][k], v) for k, v in result["network"].items())
 
 
 def test_stages_need_unique_names(tmp_path):

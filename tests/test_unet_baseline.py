@@ -12,6 +12,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
+from bundle_training import run_with_trainer_hook
+
 from scripts.data.datalist import build_datalist
 from scripts.data.synthetic import generate_skullbreak
 from scripts.evaluate import case_id, evaluate_predictions
@@ -46,12 +48,13 @@ def _train(data: Path, out: Path, max_epochs: int) -> tuple[list[float], int]:
         "train_unet.json", dataset_dir=str(data), output_dir=str(out), max_epochs=max_epochs,
         val_interval=5, ckpt_interval=10, learning_rate=0.01,
     )
-    trainer = workflow.parser.get_parsed_content("train#trainer")
     losses, start = [], []
-    trainer.add_event_handler(Events.STARTED, lambda e: start.append(e.state.iteration))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
-    workflow.run()
-    workflow.finalize()
+
+    def hook(trainer):
+        trainer.add_event_handler(Events.STARTED, lambda e: start.append(e.state.iteration))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
+
+    run_with_trainer_hook(workflow, hook)
     return losses, start[0]
 
 

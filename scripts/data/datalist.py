@@ -104,7 +104,10 @@ def _dataset_dir(root: str | os.PathLike, name: str) -> Path:
     """``root/<name>`` or ``root`` itself if it already holds ``defective_skull/``."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: dataset root folder not found")
+        from scripts.data.synthetic import generator_command
+
+        command = generator_command(root) if name == "SkullBreak" else None
+        raise FileNotFoundError(f"{root}: dataset root folder not found" + (f"; make it with `{command}`" if command else ""))
     for candidate in (root / name, root):
         if (candidate / "defective_skull").is_dir():
             return candidate.resolve()
