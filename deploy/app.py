@@ -5,7 +5,7 @@ Two graphs (Holoscan operators, run once), chosen by the input: mask / CT files,
 
     MaskLoaderOperator  --masks-->  ImplantInferenceOperator
 
-    DICOMDataLoaderOperator --> DICOMSeriesSelectorOperator --> DICOMSeriesToVolumeOperator
+    DICOMDataLoaderOperator --> DICOMSeriesSelectorOperator --> SliceGeometryOperator --> DICOMSeriesToVolumeOperator
         --> VolumeFileOperator --masks--> ImplantInferenceOperator --implant, folder--> DICOMSegmentationWriterOperator
                                           (the selected series also goes to the SEG writer)
 
@@ -15,6 +15,8 @@ Two graphs (Holoscan operators, run once), chosen by the input: mask / CT files,
   volume in Hounsfield units; ``VolumeFileOperator`` writes it as a NIfTI CT (RAS affine) into a work
   folder, named by its SeriesInstanceUID if that is a valid DICOM UID, else by a hash of it (a tag is data,
   never a path).
+* ``SliceGeometryOperator`` refuses a series whose slices are sheared (gantry tilt), which the SDK would
+  load into an orthogonal, wrong geometry (``scripts.dicom``).
 * ``ImplantInferenceOperator`` parses the bundle's ``configs/inference.json`` with MONAI's
   ``ConfigParser``, sets ``input`` / ``output_dir`` (and any command-line overrides) and evaluates
   the config's ``run`` expression, so the app builds the networks, the sampler and the
@@ -206,6 +208,28 @@ class ImplantInferenceOperator(Operator):
             op_output.emit(folder, "folder")
 
 
+class SliceGeometryOperator(Operator):
+    """Refuses a selected DICOM series whose slices are sheared (gantry tilt; ``scripts.dicom``) before
+    ``DICOMSeriesToVolumeOperator`` would load it into an orthogonal, wrong geometry; passes the
+    ``study_selected_series_list`` on unchanged otherwise."""
+
+    def setup(self, spec: OperatorSpec):
+        spec.input("study_selected_series_list")
+        spec.output("study_selected_series_list")
+
+    def compute(self, op_input, op_output, context):
+        from scripts.dicom import check_slice_geometry
+        from scripts.paths import uid_name
+
+        selections = op_input.receive("study_selected_series_list")
+        for study in selections:
+            for selected in study.selected_series:
+                slices = [s.get_native_sop_instance() for s in selected.series.get_sop_instances()]
+                check_slice_geometry(slices[0].ImageOrientationPatient, [s.ImagePositionPatient for s in slices],
+                                     f"DICOM series {uid_name(selected.series.SeriesInstanceUID)}")
+        op_output.emit(selections, "study_selected_series_list")
+
+
 class VolumeFileOperator(Operator):
     """DICOM series volume -> a NIfTI CT file for the bundle job.
 
@@ -290,12 +314,14 @@ class CranialImplantApp(Application):
             return
         loader = DICOMDataLoaderOperator(self, CountCondition(self, 1), input_folder=input_path, name="dicom_loader")
         selector = DICOMSeriesSelectorOperator(self, rules=CT_SERIES_RULES, name="series_selector")
+        geometry = SliceGeometryOperator(self, name="slice_geometry")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         to_file = VolumeFileOperator(self, name="volume_file")
         seg_writer = DICOMSegmentationWriterOperator(self, segment_descriptions=[implant_segment()],
                                                      output_folder=output_path, name="dicom_seg_writer")
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
-        self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(selector, geometry, {("study_selected_series_list", "study_selected_series_list")})
+        self.add_flow(geometry, to_volume, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(to_volume, to_file, {("image", "image")})
         self.add_flow(to_file, inference, {("masks", "masks")})
         self.add_flow(inference, seg_writer, {("implant", "seg_image"), ("folder", "output_folder")})

@@ -154,10 +154,11 @@ def test_app_on_sample(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["cases"][0]["case_id"] == "defective_skull"
 
 
-def write_ct_series(ct: np.ndarray, spacing: float, folder: Path) -> tuple[str, list[str]]:
+def write_ct_series(ct: np.ndarray, spacing: float, folder: Path, tilt_deg: float = 0.0) -> tuple[str, list[str]]:
     """Write a CT volume (X, Y, Z) int16 HU as an axial DICOM CT series (one file per z slice, rows = y,
     columns = x, LPS position (0, 0, k * spacing)); returns the SeriesInstanceUID and the SOPInstanceUIDs
-    in slice order."""
+    in slice order. ``tilt_deg``: the slices' plane turned about x as a tilted gantry writes it, while
+    their positions still step along the table (z): a sheared stack."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -175,7 +176,9 @@ def write_ct_series(ct: np.ndarray, spacing: float, folder: Path) -> tuple[str, 
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", "1"
         ds.ReferringPhysicianName, ds.Manufacturer = "", "synthetic"
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
-        ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, k * spacing], [1, 0, 0, 0, 1, 0]
+        tilt = np.radians(tilt_deg)
+        ds.ImagePositionPatient = [0.0, 0.0, k * spacing]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(tilt)), 6), round(float(np.sin(tilt)), 6)]
         ds.PixelSpacing, ds.SliceThickness = [spacing, spacing], spacing
         ds.Rows, ds.Columns = ct.shape[1], ct.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -228,6 +231,22 @@ def test_app_on_dicom_ct_series(tmp_path):
     assert seg.SegmentSequence[0].SegmentLabel == "Cranial implant"
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(pixels[..., 0].transpose(2, 1, 0) > 0, implant)  # (slice, row, col) -> (x, y, z)
+
+
+@requires_sdk
+def test_a_gantry_tilted_dicom_series_is_refused_in_one_line(tmp_path):
+    """A series whose slices are sheared by a 15-degree gantry tilt would load into an orthogonal, wrong
+    geometry: the app stops before inference, naming the series and the angle, and writes nothing."""
+    from scripts.data.synthetic import synthetic_ct
+    from scripts.io import load_mask
+
+    skull = np.asarray(load_mask(SAMPLE)[0]) > 0
+    write_ct_series(synthetic_ct(skull)[:, :, ::4], 6.4, tmp_path / "in", tilt_deg=15.0)
+    run = _run_app(["-i", "in", "-o", "out", "--no-progress"], cwd=tmp_path)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "the slices are sheared by 15.0 degrees (gantry tilt)" in log, log[-3000:]
+    assert not list((tmp_path / "out").glob("*"))
 
 
 # ----------------------------------------------------------------------------- as in a MAP
