@@ -47,7 +47,7 @@ def variant_affine(kind: str, affine: np.ndarray, shape, rng: np.random.Generato
         return affine, {}
     if kind == "rotated":
         angles = rng.uniform(-max_deg, max_deg, 3)
-        linear, drawn = Rotation.from_euler("xyz", angles, degrees=True).as_matrix(), {"rotation_deg": angles.round(2).tolist()}
+        linear, drawn = Rotation.from_euler("xyz", angles, degrees=True).as_matrix(), {"drawn_rotation_deg": angles.round(2).tolist()}
     elif kind == "scaled":
         factor = rng.uniform(0.8, 1.15)
         linear, drawn = np.eye(3) / factor, {"scale": round(float(factor), 4)}
@@ -96,7 +96,7 @@ def score(implant_path: Path | None, case: dict) -> dict:
 
 
 def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, max_deg: float = 25.0, steps: int = 10):
-    """Runs the study (see the module docstring); returns the report dict."""
+    """Runs the study (see the module docstring): prints the table, writes ``<output_dir>/pose.json``."""
     out = Path(output_dir)
     cases = write_cases(out / "cases", num_skulls, seed, max_deg)
     rows = []
@@ -126,7 +126,6 @@ def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, ma
     report = {"seed": seed, "num_skulls": num_skulls, "max_deg": max_deg, "rows": rows}
     (out / "pose.json").write_text(json.dumps(report, indent=1, default=float))
     print(markdown(rows))
-    return report
 
 
 def markdown(rows: list[dict]) -> str:
@@ -176,7 +175,7 @@ def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
           f"{np.median(sizes):.1f} mm (IQR {np.percentile(sizes, 25):.1f}..{np.percentile(sizes, 75):.1f}), "
           f"REFERENCE_SIZE_MM now {REFERENCE_SIZE_MM}; template coverage min {min(fitness):.3f}; estimate "
           f"{np.median(times):.2f} s median")
-    return {"pitch_deg": pitches, "size_mm": sizes}
+
 
 
 if __name__ == "__main__":

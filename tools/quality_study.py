@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -247,7 +248,7 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         rows.append(_row(name, report, summaries, setting["steps"]))
         if headline_set is not None and name == DEFAULT:
             command = (f"python -m tools.quality_study --dataset_dir {dataset_dir} --num_cases {num_cases} "
-                       f"--settings \"{DEFAULT}\" --headline_set {headline_set}")
+                       f"--settings {shlex.quote(DEFAULT)} --headline_set {shlex.quote(headline_set)}")
             write_headline(HEADLINE, headline_set, dataset_dir, rows[-1], summaries, command)
         print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     if unet_weights:
