@@ -59,7 +59,7 @@ def test_dry_run_bundle_cost_train(dry_run):
     report = dry_run[0]
     run, compare = report["sections"]["bundle"]["rows"]
     assert run["device"] == "cpu" and run["implant_voxels"] > 0 and 0 < run["dsc_to_truth"] <= 1
-    assert set(run["timings_s"]) == {*STAGES, "priors", "total"}  # the priors are on by default
+    assert set(run["timings_s"]) == {"frame", *STAGES, "priors", "total"}  # the priors are on by default
     assert compare["passed"] and compare["dice_device_vs_cpu"] == 1.0
 
     cost = report["sections"]["cost"]["rows"]

@@ -40,8 +40,10 @@ def _cases(dataset_dir: str, num_cases: int, num_truth_points: int | None, **ove
     generator, preprocessing = (workflow.parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
     cases = held_out_cases(dataset_dir, num_cases)
     for case, entry in zip(cases, case_datalist(cases)):
-        defective = np.asarray(preprocessing(entry)["image"][0]) > 0
-        truth = true_implant_points(case["implant"], defective.shape[0], num_truth_points or generator.num_target)
+        cube = preprocessing(entry)["image"]  # the skull in its canonical cube
+        defective = np.asarray(cube[0]) > 0
+        truth = true_implant_points(case["implant"], np.asarray(cube.affine), defective.shape[0],
+                                    num_truth_points or generator.num_target)
         yield generator, defective, truth
 
 
