@@ -25,8 +25,8 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
     import numpy as np
     import torch
 
-    from scripts.data.resample import pad_to_cube
     from scripts.diffusion.process import ConditionalDiffusion
+    from scripts.frame import MODEL_GRIDS, CanonicalFramed
     from scripts.generator import ImplantGenerator
     from scripts.io import load_mask
     from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
@@ -47,7 +47,8 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
     )
     start = time.perf_counter()
     img = load_mask(mask)
-    cube = np.asarray(pad_to_cube(img, max(img.shape[1:]) + 2 * generator.margin)[0]) > 0
+    grid, spacing = MODEL_GRIDS[preset]  # the skull in its canonical cube, as configs/inference.json puts it
+    cube = np.asarray(CanonicalFramed("image", grid, spacing, generator.margin, seed)({"image": img})["image"][0]) > 0
     load = time.perf_counter() - start
     result = generator(cube)
     total = time.perf_counter() - start
