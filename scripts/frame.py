@@ -6,9 +6,9 @@ own frame is estimated from its shape (in world millimetres, independent of the 
 mask is resampled into a *canonical cube* where the head sits as the training skulls do:
 
 1. **mid-sagittal plane**: the plane across which the skull best matches its own mirror image. A coarse
-   search over plane normals within ``SEARCH_DEG`` of the header's left-right axis (symmetry scored by
-   the median distance between the mirrored and the original surface points), refined by rigid ICP of
-   the mirror image onto the skull (Open3D); the plane is read off the fitted reflection.
+   search over planes with normals within ``SEARCH_DEG`` of the header's left-right axis (symmetry scored
+   by the mean distance, capped at ``SCORE_CAP_MM``, of the mirrored surface points to the skull), refined by
+   rigid ICP of the mirror image onto the skull (Open3D); the plane is read off the fitted reflection.
 2. **anterior and superior axes**: the principal axis of the skull within that plane (its long,
    front-back axis), refined by rigid ICP onto a canonical skull that ships with the bundle;
    signs follow the header (anterior stays anterior).
@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # (cube voxels across the field of view, voxel size in mm) of each preset's training data: the small
 # preset trains on 128^3 synthetic skulls of 1.6 mm (configs/synthetic.json); the paper on SkullBreak.
 MODEL_GRIDS = {"small": (128, 1.6), "paper": (512, 0.4), "tiny": (64, 3.2)}
-POINT_SPACING_MM = 1.5  # surface points for the estimate: one per ~3 mm voxel of a coarsened mask
+POINT_SPACING_MM = 1.5  # surface points for the estimate: boundary voxels of the mask coarsened to ~1.5 mm
 MAX_POINTS = 10000
 SEARCH_DEG = 40.0  # plane normals searched around the header's left-right axis (poses up to 25 deg per axis)
 SEARCH_OFFSETS_MM = np.arange(-15.0, 15.1, 3.0)  # plane offsets searched around the centroid
@@ -57,8 +57,8 @@ SCORE_CAP_MM = 5.0
 PROBE_POINTS = 250  # surface points that score each candidate plane
 ICP_POINTS = 4000  # surface points in each ICP (the plane's, the canonical skull's)
 ICP_DISTANCE_MM = 6.0  # correspondences of the final mirror-to-skull ICP
-# median mirror-to-skull distance above which the skull is not symmetric enough for a frame (mm);
-# upright generator skulls with any defect class: 1.0-2.5 mm (tools/pose_study.py)
+# median mirror-to-skull distance above which the skull is not symmetric enough for a frame (mm); a guard,
+# far above what skulls give (generator skulls with any defect class, in any pose: 0.7-1.0 mm, tools/pose_study.py)
 MAX_RESIDUAL_MM = 6.0
 MIN_POINTS = 500  # fewer surface points: a fragment, no frame
 # a whole skull spans 0.55-1.5 x the reference (an infant's to a large adult's head), else a fragment
@@ -212,9 +212,10 @@ def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarr
 
 
 def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadFrame:
-    """The :class:`HeadFrame` of a skull ``mask (X, Y, Z)`` with its 4x4 voxel-to-world ``affine`` (RAS:
-    world x right-left... the header's axes only pick the signs and the search's start). Falls back to
-    the header's axes (``source`` "header") where the skull is too small or not symmetric."""
+    """The :class:`HeadFrame` of a skull ``mask (X, Y, Z)`` with its 4x4 voxel-to-world ``affine`` (RAS world
+    axes; they only pick the axes' signs and where the plane search starts). Falls back to the header's axes
+    (``source`` "header") for a fragment, a skull that does not match its mirror image, or bone that covers
+    too little of the canonical skull."""
     affine = np.asarray(affine, dtype=np.float64)
     surface = SkullSurface(mask, affine, seed)
     points = surface.points
@@ -228,7 +229,7 @@ def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadF
     if residual > MAX_RESIDUAL_MM:
         logger.warning("head frame: the skull matches its mirror image only to %.1f mm (> %.1f), using the "
                        "header's axes", residual, MAX_RESIDUAL_MM)
-        return HeadFrame(np.eye(3), header.centre, _size(points, np.eye(3)), residual, "header")
+        return replace(header, size_mm=_size(points, np.eye(3)), residual_mm=residual)
     both = np.concatenate([points, _apply(_reflection(normal, offset), points)])
     centred = both - both.mean(axis=0)
     in_plane = centred - np.outer(centred @ normal, normal)
@@ -239,12 +240,12 @@ def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadF
     if not MIN_SCALE <= size / REFERENCE_SIZE_MM <= MAX_SCALE:
         logger.warning("head frame: the bone spans %.0f mm, not a whole skull (%.0f-%.0f mm), using the header's "
                        "axes", size, MIN_SCALE * REFERENCE_SIZE_MM, MAX_SCALE * REFERENCE_SIZE_MM)
-        return HeadFrame(np.eye(3), header.centre, REFERENCE_SIZE_MM, residual, "header")
+        return replace(header, residual_mm=residual)
     rotation, coverage = _fit_pitch(both, rotation, _box_centre(both, rotation), size)
     if coverage < MIN_COVERAGE:
         logger.warning("head frame: the bone and its mirror image cover only %.0f %% of the canonical skull (< %.0f "
                        "%%), using the header's axes", 100 * coverage, 100 * MIN_COVERAGE)
-        return HeadFrame(np.eye(3), header.centre, REFERENCE_SIZE_MM, residual, "header")
+        return replace(header, residual_mm=residual)
     return HeadFrame(rotation, _box_centre(both, rotation), size, residual, "skull")
 
 
@@ -317,7 +318,8 @@ class CanonicalFramed(MapTransform):
     """A skull mask ``keys`` (1, X, Y, Z) with its affine -> the mask in its canonical cube
     (1, s, s, s), s = ``grid`` + 2 ``margin``: upright, centred, at the training size
     (:func:`estimate_frame`); the frame's :meth:`HeadFrame.summary` goes to ``frame_key`` and the cube's
-    side to ``side_key``. The frame comes from the first key; all keys are resampled into it."""
+    side to ``side_key`` (as :class:`scripts.data.cube.PadToCubed` sets it for the training transforms that
+    read it). The frame comes from the first key; all keys are resampled into it."""
 
     def __init__(self, keys: KeysCollection, grid: int = 128, spacing_mm: float = 1.6, margin: int = 8,
                  seed: int = 0, frame_key: str = "frame", side_key: str = "cube_side") -> None:

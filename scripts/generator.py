@@ -141,13 +141,13 @@ class ImplantGenerator(Inferer):
     def merge_priors(self, defective: np.ndarray, clouds: np.ndarray) -> list[np.ndarray]:
         """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
         the missing bone (:mod:`scripts.priors`): the mirror's where it covers at least ``shell_below`` of
-        them, else the smooth shell's where that covers more (mirrored across the canonical cube's left-right
-        axis 0, :mod:`scripts.frame`). Sets
-        ``priors``, ``prior_fractions`` (share of implant points replaced, 0: kept), ``estimates`` (each
-        member's :class:`~scripts.priors.RayEstimate`, None where no prior applies) and ``rays``."""
+        them, else the smooth shell's where that covers more (the mirror is across the canonical cube's axis 0,
+        left-right, :mod:`scripts.frame`). Sets ``priors``, ``prior_fractions`` (share of implant points
+        replaced, 0: kept), ``estimates`` (each member's :class:`~scripts.priors.RayEstimate`, None where no
+        prior applies) and ``rays``."""
         # rays are cast once per case, from member 0's centre (the bounding-box centre of its condition)
         centre = normalization_params(clouds[0, : self.num_condition])[0]
-        mirror = mirror_transform(defective, 0, seed=self.seed) if self.mirror_prior else None
+        mirror = mirror_transform(defective, seed=self.seed) if self.mirror_prior else None
         self.rays = SkullRays(defective, centre, mirror, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         merged, self.priors, self.prior_fractions, self.estimates = [], [], [], []

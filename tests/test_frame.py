@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from scripts.frame import CanonicalFramed, canonical_affine, estimate_frame, to_canonical
 from scripts.io import load_mask
 from scripts.metrics import dice
-from tests.poses import moved
+from tools.pose_study import moved
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample" / "defective_skull.nrrd"
 

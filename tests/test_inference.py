@@ -27,7 +27,7 @@ from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
 from scripts.weights import load_weights
-from tests.poses import moved
+from tools.pose_study import moved
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "inference.json"

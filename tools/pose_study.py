@@ -39,27 +39,33 @@ SETTINGS = {"default": {}, "alone": {"mirror_prior": False, "shell_prior": False
 VARIANTS = ("upright", "rotated", "scaled", "stretched")
 
 
-def variant_affine(kind: str, affine: np.ndarray, shape, rng: np.random.Generator, max_deg: float) -> tuple[np.ndarray, dict]:
-    """The grid whose resampling of an upright volume (``affine``, ``shape``) shows the head rotated, scaled
-    or stretched about the volume's centre -> (4x4 affine, what was drawn)."""
-    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + affine[:3, 3]
+def moved(img: MetaTensor, linear: np.ndarray) -> np.ndarray:
+    """The head of a cube mask ``img`` (1, S, S, S) moved by ``linear`` (3, 3: a rotation, a scaling) about
+    the volume's centre, in the same field of view -> bool (S, S, S)."""
+    affine, side = img.affine.numpy(), img.shape[1]
+    centre = affine[:3, :3] @ np.full(3, (side - 1) / 2.0) + affine[:3, 3]
+    inverse = np.linalg.inv(linear)  # the grid that shows the head moved by linear is moved by its inverse
+    grid = np.eye(4)
+    grid[:3, :3] = inverse @ affine[:3, :3]
+    grid[:3, 3] = inverse @ (affine[:3, 3] - centre) + centre
+    return np.asarray(to_canonical(img, grid, side)[0]) > 0
+
+
+def variant_linear(kind: str, rng: np.random.Generator, max_deg: float) -> tuple[np.ndarray, dict]:
+    """How :data:`VARIANTS` ``kind`` moves the head (3, 3) and what was drawn for it: a random rotation (the
+    inverse of the x-y-z Euler angles drawn, up to ``max_deg``), scale or stretch."""
     if kind == "upright":
-        return affine, {}
+        return np.eye(3), {}
     if kind == "rotated":
         angles = rng.uniform(-max_deg, max_deg, 3)
-        linear, drawn = Rotation.from_euler("xyz", angles, degrees=True).as_matrix(), {"drawn_rotation_deg": angles.round(2).tolist()}
-    elif kind == "scaled":
+        return Rotation.from_euler("xyz", angles, degrees=True).as_matrix().T, {"drawn_rotation_deg": angles.round(2).tolist()}
+    if kind == "scaled":
         factor = rng.uniform(0.8, 1.15)
-        linear, drawn = np.eye(3) / factor, {"scale": round(float(factor), 4)}
-    else:
-        axis, factor = int(rng.integers(3)), float(rng.choice([0.9, 1.1]))
-        linear = np.eye(3)
-        linear[axis, axis] = 1.0 / factor
-        drawn = {"stretch_axis": axis, "stretch": factor}
-    out = np.eye(4)
-    out[:3, :3] = linear @ affine[:3, :3]
-    out[:3, 3] = linear @ (affine[:3, 3] - centre) + centre
-    return out, drawn
+        return np.eye(3) * factor, {"scale": round(float(factor), 4)}
+    axis, factor = int(rng.integers(3)), float(rng.choice([0.9, 1.1]))
+    linear = np.eye(3)
+    linear[axis, axis] = factor
+    return linear, {"stretch_axis": axis, "stretch": factor}
 
 
 def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> list[dict]:
@@ -73,13 +79,13 @@ def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> lis
             rng = np.random.default_rng([seed, skull_id, SKULLBREAK_DEFECTS.index(defect)])
             for kind in VARIANTS:
                 name = f"{seed}_{skull_id:03d}_{defect}_{kind}"
-                grid, drawn = variant_affine(kind, case.affine, defective.shape, rng, max_deg)
+                linear, drawn = variant_linear(kind, rng, max_deg)
                 paths = {"input": folder / f"{name}.nii.gz", "truth": folder / f"{name}_truth.nii.gz"}
                 if not paths["truth"].exists():
                     for key, mask in (("input", defective), ("truth", implant)):
                         img = MetaTensor(torch.from_numpy(mask[None].astype(np.uint8)), affine=torch.as_tensor(case.affine))
-                        moved = to_canonical(img, grid, defective.shape[0]) if kind != "upright" else img
-                        save_mask(paths[key], np.asarray(moved[0]), case.affine)  # the moved head, in the original field of view
+                        head = moved(img, linear) if kind != "upright" else mask  # in the original field of view
+                        save_mask(paths[key], head.astype(np.uint8), case.affine)
                 cases.append({"name": name, "skull": skull_id, "defect": defect, "variant": kind, **drawn,
                               **{k: str(v) for k, v in paths.items()}})
     return cases
