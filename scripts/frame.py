@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 # (cube voxels across the field of view, voxel size in mm) of each preset's training data: the small
 # preset trains on 128^3 synthetic skulls of 1.6 mm (configs/synthetic.json); the paper on SkullBreak.
-MODEL_GRIDS = {"small": (128, 1.6), "paper": (512, 0.4), "tiny": (64, 3.2)}
+MODEL_GRIDS = {"small": (128, 1.6), "small_mirror": (128, 1.6), "paper": (512, 0.4), "tiny": (64, 3.2)}
 POINT_SPACING_MM = 1.5  # surface points for the estimate: boundary voxels of the mask coarsened to ~1.5 mm
 MAX_POINTS = 10000
 SEARCH_DEG = 40.0  # plane normals searched around the header's left-right axis (poses up to 25 deg per axis)

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
-from scripts.data.points import denormalize_points, mask_to_surface_points, normalization_params, normalize_points
+from scripts.data.points import (
+    denormalize_points,
+    mask_to_surface_points,
+    mirror_over_openings,
+    normalization_params,
+    normalize_points,
+)
 from scripts.implant import ensemble_mean_and_variance, postprocess_ensemble
 from scripts.io import mask3d
 from scripts.mirror import mirror_transform
@@ -94,6 +100,7 @@ class ImplantGenerator(Inferer):
         self.voxelizer = voxelizer.to(self.device).eval()
         self.diffusion = diffusion
         self.num_condition, self.num_target = int(num_condition), int(num_target)
+        self.num_mirror = int(getattr(denoiser, "config", {}).get("num_mirror", 0))
         self.sampler, self.steps = sampler, (None if sampler == "ddpm" else steps)
         self.eta = float(eta) if sampler == "ddim" else 0.0
         self.num_samples, self.seed = int(num_samples), int(seed)
@@ -109,26 +116,37 @@ class ImplantGenerator(Inferer):
         self.priors: list[str] = []  # per member of the last run: "mirror", "shell" or "none"
         self.prior_fractions: list[float] = []
 
-    def condition_points(self, defective: np.ndarray) -> np.ndarray:
-        """Defective mask (X, Y, Z) -> each member's condition (K, Nc, 3), voxel coords: member k draws
-        ``surface_points`` Poisson-disk points with seed ``seed + k`` and keeps a random num_condition.
+    def condition_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Defective mask (X, Y, Z) -> each member's skull points and the denoiser's condition, both (K, Nc, 3)
+        voxel coords: member k draws ``surface_points`` Poisson-disk points with seed ``seed + k`` and keeps a
+        random num_condition. A mirror-conditioned denoiser (``num_mirror`` > 0) gets the first
+        Nc - num_mirror of them and a random num_mirror of the skull's mirror image over the openings
+        (:func:`~scripts.data.points.mirror_over_openings`; the mask is the canonical cube), as in training.
 
         Own draws make the members differ in what they see of the skull, not only in their noise
         (docs/history/benchmarks_by_version.md has the 5-member vote with own and with shared draws).
         """
-        draws = []
+        skulls, conditions = [], []
         for seed in range(self.seed, self.seed + self.num_samples):
             surface = mask_to_surface_points(defective, self.surface_points, seed=seed)
             rng = np.random.default_rng(seed)
-            draws.append(surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)])
-        return np.stack(draws)
+            skull = surface[rng.choice(len(surface), self.num_condition, replace=len(surface) < self.num_condition)]
+            condition = skull
+            if self.num_mirror:
+                mirror = mirror_over_openings(surface, defective.shape[0], self.num_mirror)
+                drawn = mirror[rng.choice(len(mirror), self.num_mirror, replace=len(mirror) < self.num_mirror)]
+                condition = np.concatenate([skull[: self.num_condition - self.num_mirror], drawn])
+            skulls.append(skull)
+            conditions.append(condition)
+        return np.stack(skulls), np.stack(conditions)
 
     @torch.no_grad()
     def complete_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective mask (X, Y, Z) -> completed clouds (K, N, 3) voxel coords and the generated
-        part (K, num_target, 3); member k's condition is the first num_condition points of cloud k.
+        part (K, num_target, 3); member k's skull points are the first num_condition points of cloud k.
         Each member is normalised by its own condition; all are sampled in one batch."""
-        conditions = torch.from_numpy(self.condition_points(defective)).to(self.device)  # (K, Nc, 3)
+        skulls, conditions = self.condition_points(defective)
+        conditions = torch.from_numpy(conditions).to(self.device)  # (K, Nc, 3)
         center, scale = normalization_params(conditions)  # (K, 3), (K,)
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         clouds = self.diffusion.sample(
@@ -136,6 +154,8 @@ class ImplantGenerator(Inferer):
             sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generator, progress=self.progress,
         )
         clouds = denormalize_points(clouds.transpose(1, 2), center, scale).cpu().numpy()
+        if self.num_mirror:
+            clouds[:, : self.num_condition] = skulls
         return clouds, clouds[:, self.num_condition :]
 
     def merge_priors(self, defective: np.ndarray, clouds: np.ndarray) -> list[np.ndarray]:

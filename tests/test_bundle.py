@@ -42,6 +42,7 @@ OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
             "recipes/denoiser_small.json": [["train_diffusion.json"]],
             "recipes/denoiser_small_b16.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/denoiser_small_decay.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
+            "recipes/denoiser_mirror.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
 # the training configs of the shipped weights, by the inference.json recipe they must match
 SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_b16.json"],

@@ -18,6 +18,8 @@ from scripts.data.datalist import (
 )
 from scripts.io import save_mask
 
+ROOT = Path(__file__).resolve().parents[1]
+
 DEFECTS = ("bilateral", "random_1")
 
 
@@ -111,13 +113,30 @@ def test_shipped_split_file_and_strict(skullbreak_root, caplog):
     with pytest.raises(FileNotFoundError, match="ids not on disk"):
         skullbreak_datalist(skullbreak_root, "test", split_file=SPLIT_FILES["skullbreak"], strict=True)
     with pytest.raises(ValueError, match="split must be one of"):
-        skullbreak_datalist(skullbreak_root, "validation")
+        skullbreak_datalist(skullbreak_root, "val")
+    # without "validation" ids the validation split is the test split
+    assert skullbreak_datalist(skullbreak_root, "validation", split_file=SPLIT_FILES["skullbreak"]) == test
+
+
+def test_split_file_with_validation_ids(skullbreak_root, tmp_path):
+    """A split file's "validation" ids form their own split, disjoint from train and test."""
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["000", "001", "002"], "validation": ["003"], "test": ["004", "005"]}))
+    lists = build_datalist("skullbreak", skullbreak_root, split_file=split)
+    assert {k: sorted({e["case"] for e in v}) for k, v in lists.items()} == {
+        "train": ["000", "001", "002"], "validation": ["003"], "test": ["004", "005"]}
+    split.write_text(json.dumps({"train": ["000"], "validation": ["000"], "test": ["004"]}))
+    with pytest.raises(ValueError, match="both train and validation"):
+        build_datalist("skullbreak", skullbreak_root, split_file=split)
+    shipped = json.loads((ROOT / "configs" / "splits" / "synthetic_wide.json").read_text())
+    assert not (set(shipped["train"]) & set(shipped["validation"]) or set(shipped["train"]) & set(shipped["test"])
+                or set(shipped["validation"]) & set(shipped["test"]))
 
 
 def test_skullfix_datalist(tmp_path):
     _skullfix(tmp_path)
     train, test = skullfix_datalist(tmp_path, "train"), skullfix_datalist(tmp_path, "test")
-    assert build_datalist("skullfix", tmp_path) == {"train": train, "test": test}
+    assert build_datalist("skullfix", tmp_path) == {"train": train, "validation": test, "test": test}
     with pytest.raises(ValueError, match="dataset must be one of"):
         build_datalist("skullbrake", tmp_path)
     assert len(test) == 2 and len(train) == 6  # round(8 * 25/100) = 2

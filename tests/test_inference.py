@@ -19,6 +19,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Spacing
 from scipy.ndimage import distance_transform_edt
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from scripts.cases import case_datalist, predict_case
@@ -432,6 +433,25 @@ def test_true_points_noise_moves_each_implant_point_by_the_set_amount():
     np.testing.assert_array_equal(generator.complete_points(defective)[1], noisy)  # seeded
 
 
+def test_a_mirror_conditioned_denoiser_gets_the_mirror_image_over_the_opening():
+    """With a ``small_mirror`` denoiser (random weights here) the denoiser's condition ends with num_mirror points of
+    the skull's mirror image off the bone, while the completed cloud starts with the member's own skull points,
+    which the voxelizer takes."""
+    generator = _generator(steps=2, denoiser="$scripts.networks.pvcnn2.PVCNN2Denoiser('small_mirror')")
+    parser = _parser()
+    preprocessing = parser.get_parsed_content("preprocessing")
+    case = preprocessing(case_datalist([SAMPLE])[0])
+    defective = np.asarray(case["image"][0]) > 0
+    skulls, conditions = generator.condition_points(defective)
+    nc, nm = generator.num_condition, generator.num_mirror
+    assert nm == 384 and skulls.shape == conditions.shape == (1, nc, 3)
+    np.testing.assert_array_equal(conditions[0, : nc - nm], skulls[0, : nc - nm])
+    mirror = conditions[0, nc - nm :]
+    assert cKDTree(skulls[0]).query(mirror)[0].min() > 1.0  # none on the skull
+    clouds, _ = generator.complete_points(defective)
+    np.testing.assert_array_equal(clouds[0, :nc], skulls[0])
+
+
 def test_ensemble_members_complete_their_own_condition_draw():
     """Each member sees its own random draw of the skull's surface points: member 0's is the single-sample
     condition, the others differ from it, the same seed gives the same draws, and every completed cloud
@@ -439,12 +459,13 @@ def test_ensemble_members_complete_their_own_condition_draw():
     parser = _parser(num_samples=3, steps=4)
     ensemble, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
     defective = np.asarray(preprocessing(case_datalist([SAMPLE])[0])["image"][0]) > 0
-    draws = ensemble.condition_points(defective)
+    draws, conditions = ensemble.condition_points(defective)
     nc = ensemble.num_condition
     assert draws.shape == (3, nc, 3)
-    np.testing.assert_array_equal(draws[0], _generator().condition_points(defective)[0])
+    np.testing.assert_array_equal(conditions, draws)  # the shipped denoiser takes no mirror points
+    np.testing.assert_array_equal(draws[0], _generator().condition_points(defective)[0][0])
     assert not np.array_equal(draws[1], draws[0]) and not np.array_equal(draws[2], draws[1])
-    np.testing.assert_array_equal(ensemble.condition_points(defective), draws)
+    np.testing.assert_array_equal(ensemble.condition_points(defective)[0], draws)
     clouds, generated = ensemble.complete_points(defective)
     assert clouds.shape == (3, nc + ensemble.num_target, 3) and generated.shape == (3, ensemble.num_target, 3)
     np.testing.assert_allclose(clouds[:, :nc], draws, atol=1e-3)

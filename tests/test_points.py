@@ -12,11 +12,13 @@ from skimage.measure import marching_cubes
 
 from scripts.data.points import (
     JitterPointsd,
+    MirrorPointsd,
     NormalizePointsd,
     SamplePointsd,
     SurfacePointsd,
     denormalize_points,
     mask_to_surface_points,
+    mirror_over_openings,
     normalization_params,
     normalize_points,
     physical_to_voxel,
@@ -185,6 +187,45 @@ def test_sample_points_sizes_and_replacement():
     # inference: only the condition source is present
     inf = SamplePointsd(num_condition=60, allow_missing_keys=True)({"defective_points": src["defective_points"]})
     assert inf["condition"].shape == (60, 3) and "target" not in inf
+
+
+def test_mirror_over_openings_fills_a_one_sided_defect():
+    """A shell with a cap cut off on the +x side, centred in its cube: its mirror image across the cube's
+    middle plane over the opening is the cap's surface (the implant), nothing of the intact bone; at least
+    ``min_points`` come back (the next farthest pad them); torch in, torch out."""
+    full = shell(r_in=R_OUT - 2.5).astype(bool)  # centred in its 40^3 cube, thin as bone is at this spacing
+    side = SHAPE[0]
+    cut = np.indices(SHAPE)[0] > (side - 1) / 2 + 4.0
+    defective, implant = (full & ~cut).astype(np.uint8), (full & cut).astype(np.uint8)
+    points = torch.from_numpy(mask_to_surface_points(defective, 4000, seed=0))
+    over = mirror_over_openings(points, side)
+    assert isinstance(over, torch.Tensor) and over.dtype == torch.float32
+    cap = mask_to_surface_points(implant, 1000, seed=0)
+    assert 0.5 * len(cap) / 5 < len(over)  # the cap is about a fifth of the shell's surface
+    # on the cap's surface (voxels), on the open side; a few come from the cut's rim face, mirrored into the bone
+    assert np.mean(nearest(over, cap)[0] < 1.5) > 0.98
+    assert np.mean(over[:, 0].numpy() > (side - 1) / 2 + 4.0 - 1.5) > 0.98
+    assert len(mirror_over_openings(points, side, min_points=len(over) + 50)) == len(over) + 50
+    whole = torch.from_numpy(mask_to_surface_points(full, 4000, seed=0))
+    assert len(mirror_over_openings(whole, side)) < 0.01 * len(whole)  # a symmetric skull: no opening
+    d = MirrorPointsd(min_points=10)({"defective_points": points, "cube_side": side})
+    torch.testing.assert_close(d["mirror_points"], over)
+    with pytest.raises(KeyError, match="cube_side"):
+        MirrorPointsd()({"defective_points": points})
+
+
+def test_sample_points_with_mirror_points():
+    """num_mirror: the condition is num_condition - num_mirror skull points, then num_mirror mirror points."""
+    src = {"defective_points": torch.randn(100, 3), "implant_points": torch.randn(10, 3),
+           "mirror_points": torch.randn(30, 3) + 10.0}
+    out = SamplePointsd(num_condition=60, num_target=25, num_mirror=16).set_random_state(0)(src)
+    assert out["condition"].shape == (60, 3) and out["target"].shape == (25, 3)
+    assert nearest(out["condition"][:44], src["defective_points"])[0].max() == 0
+    assert nearest(out["condition"][44:], src["mirror_points"])[0].max() == 0
+    with pytest.raises(KeyError, match="mirror"):
+        SamplePointsd(num_condition=60, num_target=25, num_mirror=16)({k: src[k] for k in ("defective_points", "implant_points")})
+    with pytest.raises(ValueError, match="num_mirror"):
+        SamplePointsd(num_condition=60, num_mirror=60)
 
 
 def test_jitter_points():

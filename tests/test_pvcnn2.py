@@ -55,6 +55,27 @@ def test_tiny_forward_backward_finite_gradients():
     assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
 
 
+def test_mirror_points_enter_through_a_flag_channel():
+    """With num_mirror the level-0 features gain a flag on the condition's last num_mirror points: the network
+    trains (finite gradients) and its output depends on which points carry the flag."""
+    torch.manual_seed(0)
+    model = PVCNN2Denoiser("tiny", num_mirror=64).eval()
+    plain = PVCNN2Denoiser("tiny")
+    assert sum(p.numel() for p in model.parameters()) > sum(p.numel() for p in plain.parameters())
+    n, nc = model.config["num_points"], model.config["num_condition"]
+    x, t = shell_batch(2, n, 0), torch.tensor([3, 900])
+    out = model(x, t)
+    assert out.shape == (2, 3, n)
+    model.config["num_mirror"] = 32  # the flag on fewer points: another input
+    assert not torch.allclose(model(x, t)[:, :, nc:], out[:, :, nc:])
+    model.config["num_mirror"] = 64
+    model.train()
+    model(x, t)[:, :, nc:].square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="num_mirror"):
+        PVCNN2Denoiser("tiny", num_mirror=model.config["num_condition"])
+
+
 def test_eval_is_deterministic_and_time_dependent():
     torch.manual_seed(1)
     model = PVCNN2Denoiser("tiny").eval()

@@ -28,13 +28,15 @@ class CachedConditionGenerator(ImplantGenerator):
         super().__init__(*args, **kwargs)
         self.condition_cache = Path(condition_cache)
 
-    def condition_points(self, defective: np.ndarray) -> np.ndarray:
-        """Defective mask (X, Y, Z) -> the members' conditions (K, Nc, 3) voxel coords, from the cache if it holds them."""
-        settings = repr((defective.shape, self.seed, self.num_condition, self.surface_points, self.num_samples)).encode()
+    def condition_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Defective mask (X, Y, Z) -> the members' skull points and conditions (K, Nc, 3) voxel coords, from the
+        cache if it holds them."""
+        settings = repr((defective.shape, self.seed, self.num_condition, self.num_mirror, self.surface_points,
+                         self.num_samples)).encode()
         key = hashlib.sha256(np.packbits(defective).tobytes() + settings).hexdigest()
         cache = dict(np.load(self.condition_cache)) if self.condition_cache.is_file() else {}
-        if key not in cache:
-            cache[key] = super().condition_points(defective)
+        if key + "_skull" not in cache:
+            cache[key + "_skull"], cache[key + "_condition"] = super().condition_points(defective)
             self.condition_cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.condition_cache, **cache)
-        return cache[key]
+        return cache[key + "_skull"], cache[key + "_condition"]

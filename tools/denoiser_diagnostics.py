@@ -54,7 +54,7 @@ def per_timestep(dataset_dir: str, num_cases: int = 10, timesteps: Sequence[int]
     noise_gen = torch.Generator().manual_seed(seed)
     for generator, defective, truth in _cases(dataset_dir, num_cases, None, **overrides):
         diffusion, nc = generator.diffusion, generator.num_condition
-        condition = torch.from_numpy(generator.condition_points(defective)[0])
+        condition = torch.from_numpy(generator.condition_points(defective)[1][0])
         center, scale = normalization_params(condition)
         x0 = torch.cat([normalize_points(condition, center, scale),
                         normalize_points(torch.from_numpy(truth), center, scale)]).T[None].float()  # (1, 3, N)

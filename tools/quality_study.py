@@ -127,7 +127,7 @@ class TruePointsGenerator(ImplantGenerator):
         """Defective cube mask (X, Y, Z) -> clouds (K, N, 3) and their implant part (K, num_target, 3), voxel coords."""
         target = true_implant_points(self.truth, self.cube_affine, defective.shape[0], self.num_target, self.seed)
         target = target + np.random.default_rng(self.seed).normal(0.0, self.noise_vox, target.shape)
-        conditions = self.condition_points(defective)  # (K, Nc, 3)
+        conditions = self.condition_points(defective)[0]  # the members' skull points (K, Nc, 3)
         clouds = np.concatenate([conditions, np.broadcast_to(target, (len(conditions), *target.shape))], axis=1)
         clouds = clouds.astype(np.float32)
         self.diffusion.last_model_calls = 0

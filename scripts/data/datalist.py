@@ -10,7 +10,8 @@ SkullBreak's defect classes (bilateral, frontoorbital, parietotemporal, random_1
 taken from the sub-folders of ``defective_skull/``, so other class names (synthetic data) work.
 
 Split rule (by skull, so all defects of one skull share a split):
-  * ``split_file`` given: its "train"/"test" ids are used. Ids on disk but not in the file are
+  * ``split_file`` given: its "train"/"test" ids are used, and its "validation" ids where it has them
+    (training's validation and every tuned setting use them; without them "validation" is "test"). Ids on disk but not in the file are
     left out of both; ids in the file but not on disk are skipped with a warning, or raise
     ``FileNotFoundError`` when ``strict=True``.
   * ``split_file=None``: a split is made from the ids present with :func:`make_split`, seed 0 and
@@ -53,7 +54,7 @@ SPLIT_FILES = {
     for name in ("skullbreak", "skullfix")
 }
 _TEST_FRACTION = {"skullbreak": 28 / 114, "skullfix": 25 / 100}
-_SPLITS = ("train", "test", "all")
+_SPLITS = ("train", "validation", "test", "all")
 
 
 def case_id(entry: Mapping) -> str:
@@ -85,18 +86,21 @@ def make_split(case_ids: Iterable[str], num_test: int, seed: int = 0) -> dict[st
 
 
 def load_split(split_file: str | os.PathLike) -> dict[str, list[str]]:
-    """Read a split JSON with disjoint "train" and "test" id lists."""
+    """Read a split JSON with disjoint "train", "test" and optional "validation" id lists (missing: the test ids)."""
     split_file = Path(split_file)
     if not split_file.is_file():
         raise FileNotFoundError(f"{split_file}: split file not found")
     try:
         data = json.loads(split_file.read_text())
         split = {k: [str(i) for i in data[k]] for k in ("train", "test")}
+        split["validation"] = [str(i) for i in data["validation"]] if "validation" in data else split["test"]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{split_file}: not a split file with 'train' and 'test' id lists ({err})") from err
-    overlap = set(split["train"]) & set(split["test"])
-    if overlap:
-        raise ValueError(f"{split_file}: ids in both train and test: {sorted(overlap)[:5]}")
+    pairs = [("train", "test"), ("train", "validation")] + ([("validation", "test")] if "validation" in data else [])
+    for a, b in pairs:
+        overlap = set(split[a]) & set(split[b])
+        if overlap:
+            raise ValueError(f"{split_file}: ids in both {a} and {b}: {sorted(overlap)[:5]}")
     return split
 
 
@@ -173,7 +177,7 @@ def _select_ids(
     if split_file is None:
         n = len(present)
         num_test = max(1, round(n * _TEST_FRACTION[dataset])) if n >= 2 else 0
-        return set(make_split(present, num_test, seed=0)[split])
+        return set(make_split(present, num_test, seed=0)["test" if split == "validation" else split])
     wanted = load_split(split_file)[split]
     missing = sorted(set(wanted) - set(present))
     if missing:
@@ -241,7 +245,7 @@ def skullbreak_datalist(
 
     Args:
         root: folder containing ``SkullBreak/``, or the ``SkullBreak`` folder itself.
-        split: "train", "test" or "all" (see the module docstring for the split rule).
+        split: "train", "validation", "test" or "all" (see the module docstring for the split rule).
         split_file: JSON with "train"/"test" ids, e.g. ``SPLIT_FILES["skullbreak"]``.
         defects: defect classes to include; default every folder in ``defective_skull/``.
         check: require implant/complete partners and matching header shape/spacing.
@@ -277,14 +281,15 @@ def write_datalist_json(datalist: Mapping[str, list[dict]], path: str | os.PathL
 def build_datalist(
     dataset: str, root: str | os.PathLike, split_file: str | os.PathLike | None = None, **kwargs
 ) -> dict[str, list[dict]]:
-    """Both splits of ``dataset`` ("skullbreak" or "skullfix") -> {"train": [...], "test": [...]}.
+    """The splits of ``dataset`` ("skullbreak" or "skullfix") -> {"train": [...], "validation": [...], "test": [...]}.
 
     ``kwargs`` go to :func:`skullbreak_datalist` / :func:`skullfix_datalist` (check, strict, defects).
     """
     builders = {"skullbreak": skullbreak_datalist, "skullfix": skullfix_datalist}
     if dataset not in builders:
         raise ValueError(f"dataset must be one of {tuple(builders)}, got {dataset!r}")
-    return {split: builders[dataset](root, split=split, split_file=split_file, **kwargs) for split in ("train", "test")}
+    return {split: builders[dataset](root, split=split, split_file=split_file, **kwargs)
+            for split in ("train", "validation", "test")}
 
 
 def _cli(dataset: str, root: str, out: str, split_file: str | None, **kwargs) -> str:

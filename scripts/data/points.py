@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform, Randomizable
 from monai.transforms.utils import apply_affine_to_points
 from monai.utils import convert_to_dst_type, convert_to_numpy
+from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "normalize_points",
     "denormalize_points",
     "SurfacePointsd",
+    "mirror_over_openings",
+    "MirrorPointsd",
     "SamplePointsd",
     "NormalizePointsd",
     "JitterPointsd",
@@ -203,6 +206,46 @@ class SurfacePointsd(MapTransform):
         return d
 
 
+# a mirrored point lies over an opening when no surface point is within this many of the surface's typical
+# point spacings (median nearest-neighbour distance): mirrored intact bone lands within about one spacing
+OPENING_SPACINGS = 2.0
+
+
+def mirror_over_openings(points, side: int, min_points: int = 0):
+    """The skull's mirror image where it falls on no bone: surface points ``(N, 3)`` in voxel coordinates of a
+    canonical cube of ``side`` voxels (:mod:`scripts.frame`: the mid-sagittal plane is the cube's middle plane
+    across axis 0) -> their mirror images farther than ``OPENING_SPACINGS`` spacings from every point,
+    farthest first ``(M, 3)``; padded with the next farthest to at least ``min_points`` (at most N)."""
+    pts = convert_to_numpy(points, dtype=np.float64)
+    mirrored = pts.copy()
+    mirrored[:, 0] = (side - 1) - mirrored[:, 0]
+    tree = cKDTree(pts)
+    spacing = float(np.median(tree.query(pts, k=2)[0][:, 1]))
+    distance = tree.query(mirrored)[0]
+    order = np.argsort(-distance, kind="stable")
+    count = max(int((distance > OPENING_SPACINGS * spacing).sum()), min(int(min_points), len(pts)))
+    return convert_to_dst_type(mirrored[order[:count]].astype(np.float32), points)[0]
+
+
+class MirrorPointsd(MapTransform):
+    """``keys`` (surface points in the canonical cube, (N, 3)) -> ``output_key``: their mirror images over the
+    openings (:func:`mirror_over_openings`), at least ``min_points``; the cube's side is read from
+    ``side_key`` (set by :class:`scripts.frame.CanonicalFramed`). Deterministic, so caching datasets keep it."""
+
+    def __init__(self, keys: KeysCollection = "defective_points", output_key: str = "mirror_points",
+                 side_key: str = "cube_side", min_points: int = 0) -> None:
+        super().__init__(keys)
+        self.output_key, self.side_key, self.min_points = output_key, side_key, int(min_points)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.side_key not in d:
+            raise KeyError(f"MirrorPointsd needs the canonical cube's side in {self.side_key!r} (CanonicalFramed)")
+        for key in self.key_iterator(d):
+            d[self.output_key] = mirror_over_openings(d[key], int(d[self.side_key]), self.min_points)
+        return d
+
+
 class SamplePointsd(Randomizable, MapTransform):
     """Randomly draw the condition and target point sets of one training/inference sample.
 
@@ -210,7 +253,8 @@ class SamplePointsd(Randomizable, MapTransform):
     ``keys[1]`` (implant points) -> ``output_keys[1]`` with ``num_target`` points. Draws are without
     replacement when the source has enough points, with replacement otherwise. Use
     ``allow_missing_keys=True`` at inference, where only the condition source exists.
-    Paper sizes: 27,648 + 3,072.
+    Paper sizes: 27,648 + 3,072. With ``num_mirror`` > 0 the condition's last ``num_mirror`` points are
+    drawn from ``mirror_key`` (:class:`MirrorPointsd`) instead, as the ``small_mirror`` denoiser expects.
     """
 
     def __init__(
@@ -220,14 +264,20 @@ class SamplePointsd(Randomizable, MapTransform):
         num_target: int = 3072,
         output_keys: Sequence[str] = ("condition", "target"),
         allow_missing_keys: bool = False,
+        num_mirror: int = 0,
+        mirror_key: str = "mirror_points",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 1 <= len(self.keys) <= 2 or len(output_keys) != len(self.keys):
             raise ValueError(f"need 1 or 2 keys and as many output_keys, got {self.keys} -> {output_keys}")
-        sizes = (num_condition, num_target)[: len(self.keys)]
+        if not 0 <= num_mirror < num_condition:
+            raise ValueError(f"need 0 <= num_mirror < num_condition, got {num_mirror}, {num_condition}")
+        sizes = (num_condition - num_mirror, num_target)[: len(self.keys)]
         if min(sizes) < 1:
             raise ValueError(f"num_condition/num_target must be positive, got {sizes}")
         self.plan = dict(zip(self.keys, zip(output_keys, sizes)))
+        if num_mirror:
+            self.plan[mirror_key] = (output_keys[0], num_mirror)
         self._indices: dict[Hashable, np.ndarray] = {}
 
     def randomize(self, sources: Mapping[Hashable, int]) -> None:
@@ -241,10 +291,16 @@ class SamplePointsd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
-        keys = list(self.key_iterator(d))
+        keys = list(self.key_iterator(d)) + [k for k in self.plan if k not in self.keys]
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise KeyError(f"SamplePointsd: no {missing} in the data (MirrorPointsd makes the mirror points)")
         self.randomize({key: len(d[key]) for key in keys})
+        drawn: dict[str, list] = {}
         for key in keys:
-            d[self.plan[key][0]] = d[key][self._indices[key]]
+            drawn.setdefault(self.plan[key][0], []).append(d[key][self._indices[key]])
+        for out, parts in drawn.items():
+            d[out] = parts[0] if len(parts) == 1 else torch.cat([torch.as_tensor(p) for p in parts])
         return d
 
 

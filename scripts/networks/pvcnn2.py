@@ -61,17 +61,24 @@ PRESETS: dict[str, dict] = {
     # 128 neighbours at every level (PVD's ShapeNet models use 32).
     "paper": dict(num_points=30720, num_condition=27648, width_multiplier=1.0, voxel_resolution_multiplier=1.0,
                   centers=(10240, 2560, 640, 160), radii=(0.1, 0.2, 0.4, 0.8), neighbors=(128, 128, 128, 128),
-                  embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
+                  embed_dim=64, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False, num_mirror=0),
     # Trains on 2 CPU cores (~0.4-0.6 s forward + backward for batch 4): 10x fewer points (radii
     # x sqrt(10) keep ~10 hits per ball), quarter width (1.76 M parameters), voxel grids
     # 16/8/4, 32 neighbours, and the coordinate skip. The shipped weights (models/model.pt) are this preset.
     "small": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
                   centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
-                  embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True),
+                  embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True, num_mirror=0),
+    # ``small`` conditioned on the skull's mirror image: the last 384 of its 2,688 condition points are mirrored
+    # surface points over the opening (scripts/data/points.py, MirrorPointsd), flagged by a fourth input channel;
+    # same cost per step as ``small``.
+    "small_mirror": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
+                         centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
+                         embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True,
+                         num_mirror=384),
     # Unit tests only.
     "tiny": dict(num_points=512, num_condition=448, width_multiplier=0.25, voxel_resolution_multiplier=0.25,
                  centers=_scaled_centers(512), radii=(0.8, 1.6, 3.2, 6.4), neighbors=(16, 16, 16, 16),
-                 embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False),
+                 embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False, num_mirror=0),
 }
 
 
@@ -270,6 +277,9 @@ def _channels(c: int, r: float, what: str) -> int:
 class PVCNN2Denoiser(nn.Module):
     """PVD's conditional PVCNN2 noise predictor: ``forward(x (B, 3, N), t (B,) long) -> eps (B, 3, N)``.
 
+    With ``num_mirror`` > 0 the condition points' last ``num_mirror`` (points ``num_condition - num_mirror``
+    to ``num_condition``) are the skull's mirror image over its opening, marked by a flag feature.
+
     ``preset`` names an entry of ``PRESETS``; keyword overrides replace its values. The network
     itself works for any ``N`` (at least the first level's centre count); ``num_points`` and
     ``num_condition`` are recorded for the diffusion / data pipeline. ``config`` holds the
@@ -290,6 +300,8 @@ class PVCNN2Denoiser(nn.Module):
                 raise ValueError(f"{key} needs {len(_SA_MLPS)} values (one per SA level), got {cfg[key]}")
         if not 0 <= cfg["num_condition"] < cfg["num_points"]:
             raise ValueError(f"need 0 <= num_condition < num_points, got {cfg['num_condition']}, {cfg['num_points']}")
+        if not 0 <= cfg["num_mirror"] < max(cfg["num_condition"], 1):
+            raise ValueError(f"need 0 <= num_mirror < num_condition, got {cfg['num_mirror']}, {cfg['num_condition']}")
         self.config = cfg
         r, vr, e, p = cfg["width_multiplier"], cfg["voxel_resolution_multiplier"], cfg["embed_dim"], cfg["dropout"]
         use_att = cfg["use_attention"]
@@ -301,7 +313,8 @@ class PVCNN2Denoiser(nn.Module):
             return out
 
         self.time_embed = TimeEmbedding(e)
-        sa, skip_channels, in_ch = [], [], 3  # level 0 sees the raw coordinates as features
+        # level 0 sees the raw coordinates as features, and with num_mirror a flag: 1 on the mirror points
+        sa, skip_channels, in_ch = [], [], 3 + (cfg["num_mirror"] > 0)
         for level, (conv_cfg, mlp) in enumerate(zip(_SA_CONVS, _SA_MLPS)):
             skip_channels.append(in_ch if level else 0)  # reference: no skip features at full resolution
             feat_ch = in_ch + (e if level else 0)  # time embedding appended from level 1 on
@@ -358,6 +371,10 @@ class PVCNN2Denoiser(nn.Module):
             return torch.cat([f, temb.expand(-1, -1, f.shape[2])], dim=1)
 
         features, coords = x, x
+        if self.config["num_mirror"]:
+            flag = torch.zeros_like(x[:, :1])
+            flag[:, :, self.config["num_condition"] - self.config["num_mirror"] : self.config["num_condition"]] = 1.0
+            features = torch.cat([x, flag], dim=1)
         coords_list, skips = [], []
         for level, sa in enumerate(self.sa):
             coords_list.append(coords)
