@@ -30,12 +30,11 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from monai.transforms.utils import get_largest_connected_component_mask
 from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from scripts.data.resample import to_original_grid
+from scripts.data.resample import to_original_box
 from scripts.io import mask3d, mask_spacing, volume3d
 
 __all__ = [
@@ -138,8 +137,14 @@ def binary_open(mask, iterations: int = 1) -> np.ndarray:
 
 
 def largest_component(mask) -> np.ndarray:
-    """Keep the largest 26-connected component (MONAI, via skimage.measure.label)."""
-    return get_largest_connected_component_mask(mask3d(mask, "mask"), connectivity=3)
+    """Keep the largest 26-connected component (bool (X, Y, Z)). scipy's label with int32 labels: MONAI's
+    get_largest_connected_component_mask labels with skimage in int64, twice the memory on a full-size scan."""
+    labels, count = ndimage.label(mask3d(mask, "mask"), structure=np.ones((3, 3, 3), bool), output=np.int32)
+    if count == 0:
+        return labels > 0
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def median_smooth(mask, size: int = 3) -> np.ndarray:
@@ -330,14 +335,18 @@ def open_fraction(implant, defective, spacing, band_mm: float = 15.0, max_voxels
         float in [0, 1]; 0 for an empty implant, 1 if there is no bone at all.
     """
     implant, defective = volume3d(implant, "implant") > 0, volume3d(defective, "defective") > 0
-    voxels = np.argwhere(implant)
-    if len(voxels) == 0:
+    boxes = ndimage.find_objects(implant.view(np.uint8))
+    if not boxes:
         return 0.0
+    box = boxes[0]
     if not defective.any():
         return 1.0
+    voxels = np.argwhere(implant[box]) + [b.start for b in box]
     voxels = voxels[:: math.ceil(len(voxels) / max_voxels)]
     spacing = np.asarray(spacing, dtype=np.float64)
-    centre = np.asarray(ndimage.center_of_mass(defective))
+    # the centre of mass from the three marginal sums: ndimage.center_of_mass weighs every voxel (10x slower)
+    counts = [defective.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.int64) for axis in range(3)]
+    centre = np.array([np.dot(c, np.arange(len(c))) / c.sum() for c in counts])
     offset_mm = (voxels - centre) * spacing  # (M, 3)
     radius = np.linalg.norm(offset_mm, axis=1, keepdims=True)
     direction = offset_mm / np.maximum(radius, 1e-9)
@@ -367,10 +376,15 @@ def require_opening(implant, defective, spacing, min_open_fraction: float = 0.5,
 
 def _to_input_grid(volume: np.ndarray, cube: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
     """A model-grid volume (s, s, s) on the canonical ``cube``'s grid -> the input's exact grid (X, Y, Z) in
-    one resampling: bool if binary else float32."""
+    one resampling, computed only in the box it reaches (:func:`~scripts.data.resample.to_original_box`); for
+    a binary volume the skull's voxels (``img`` > 0) are left out: bool if binary else float32."""
     data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    out = np.asarray(to_original_grid(MetaTensor(data, affine=cube.affine), img, binary=binary)[0])
-    return out > 0.5 if binary else out.astype(np.float32)
+    out = np.zeros(img.shape[1:], dtype=bool if binary else np.float32)
+    box, values = to_original_box(MetaTensor(data, affine=cube.affine), img, binary=binary)
+    if box is not None:
+        values = np.asarray(values[0])
+        out[box] = (values > 0) & ~(np.asarray(img[0][box]) > 0) if binary else values
+    return out
 
 
 class ImplantToInputGridd(MapTransform):
@@ -386,14 +400,11 @@ class ImplantToInputGridd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         cube, img = d[self.cube_key], d[self.reference_key]
-        defective = np.asarray(img[0]) > 0
         for key in self.key_iterator(d):
             pred = d[key]
             single = len(pred["implants"]) == 1
-            d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img,
-                                          True) & ~defective
-            d["implant_members"] = None if single else [
-                _to_input_grid(m, cube, img, True) & ~defective for m in pred["implants"]]
+            d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img, True)
+            d["implant_members"] = None if single else [_to_input_grid(m, cube, img, True) for m in pred["implants"]]
             d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, img, False)
         return d
 

@@ -243,6 +243,16 @@ def save_preview(
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite)
 
 
+def peak_rss_gib() -> float | None:
+    """The process's peak resident memory so far in GiB (Linux ru_maxrss, KiB), None where the platform has no
+    ``resource`` module (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
 class SaveCased(Transform):
     """Write one case's results into ``<output_dir>/<case>/`` and put its summary under ``"summary"``.
 
@@ -310,6 +320,8 @@ class SaveCased(Transform):
                 "timings_s": {**({"frame": round(frame_seconds, 3)} if frame_seconds is not None else {}),
                               **{k: round(v, 3) for k, v in pred["timings"].items()},
                               "total": round(time.perf_counter() - d["started"], 3)},
+                # the process's peak resident memory so far (a batch's peak stays flat from case to case)
+                "peak_rss_gib": peak_rss_gib(),
             }
             (tmp / "summary.json").write_text(json.dumps(d["summary"], indent=2))
         return d

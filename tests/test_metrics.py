@@ -308,7 +308,7 @@ def test_spacing_from_nrrd_header_via_monai_loader(tmp_path):
     header = {"space": "left-posterior-superior", "space directions": np.diag(spacing), "space origin": [5, 6, 7]}
     for name, m in (("pred", pred), ("gt", gt)):
         nrrd.write(str(tmp_path / f"{name}.nrrd"), m.astype(np.uint8), header)
-    load = LoadImage(reader="ITKReader", image_only=True)
+    load = LoadImage(reader="NrrdReader", image_only=True)
     y_pred, y = (EnsureChannelFirst()(load(str(tmp_path / f"{n}.nrrd")))[None] for n in ("pred", "gt"))
     assert tuple(y_pred.shape) == (1, 1, *pred.shape)
     assert HD95Metric(reduction="none")(y_pred, y).item() == pytest.approx(hd95(pred, gt, spacing), rel=1e-6)

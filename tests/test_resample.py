@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.transforms import ResampleToMatch
 from scipy.spatial.transform import Rotation
 
-from scripts.data.resample import pad_to_cube, to_original_grid
+from scripts.data.resample import pad_to_cube, reach, to_original_grid
 from scripts.frame import to_canonical
 from scripts.io import load_mask, save_mask
 
@@ -56,6 +57,23 @@ def test_a_rotated_cube_and_back_gives_the_exact_input_grid(angle):
     # float maps (e.g. ensemble variance) keep their values
     var = to_original_grid(cube.float() * 0.25, img, binary=False)
     assert var.dtype == torch.float32 and float(var.max()) == pytest.approx(0.25)
+
+
+def test_the_way_back_is_computed_in_the_implants_box_only():
+    """to_original_grid resamples only the box the mask's voxels reach (reach): the same voxels as resampling
+    the whole grid, and an empty mask gives an empty result without any resampling."""
+    img = _sphere(0.4)
+    rotation = Rotation.from_euler("xyz", (20, -10, 35), degrees=True).as_matrix()
+    cube = to_canonical(img, _cube_affine(img, 48, 0.5, rotation), 48)
+    cube[:, :, :, :34] = 0  # a cap of the sphere, as an implant is a piece of the skull
+    whole = ResampleToMatch(mode="bilinear", padding_mode="border")(cube.float(), img_dst=img) >= 0.5
+    back = to_original_grid(cube, img)
+    assert int(back.sum()) > 100 and int((back.bool() != whole.bool()).sum()) <= 0.001 * int(back.sum())
+    box = reach(cube, img)
+    assert np.prod([b.stop - b.start for b in box]) < 0.6 * np.prod(img.shape)
+    assert not back[(slice(None), *box)].logical_not().all() and int(back.sum()) == int(back[(slice(None), *box)].sum())
+    empty = torch.zeros_like(cube)
+    assert reach(empty, img) is None and int(to_original_grid(empty, img).sum()) == 0
 
 
 def test_a_coarser_cube_still_maps_back():

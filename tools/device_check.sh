@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = prepare ]; then
   shift
   # pure-Python packages of requirements.txt that the GPU image (Python 3.12, torch, numpy, scipy,
-  # scikit-image, matplotlib) lacks; itk-io and open3d-cpu (about 110 and 100 MB) do not fit the
-  # 64 MiB that travels, hence NIfTI for the bundle job and cached condition points
+  # scikit-image, matplotlib) lacks; open3d-cpu (about 100 MB) does not fit the 64 MiB that travels,
+  # hence cached condition points
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .device/wheels \
     monai==1.6.1 pytorch-ignite==0.5.5 nibabel==5.4.2 pynrrd==1.1.3 fire==0.7.1 termcolor==3.3.0

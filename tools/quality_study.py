@@ -30,7 +30,7 @@ import numpy as np
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.cases import case_datalist, predict_case
-from scripts.data.datalist import build_datalist
+from scripts.data.datalist import skullbreak_datalist, skullfix_datalist
 from scripts.data.points import mask_to_surface_points
 from scripts.evaluate import evaluate_predictions
 from scripts.generator import ImplantGenerator
@@ -134,11 +134,15 @@ class TruePointsGenerator(ImplantGenerator):
         return clouds, clouds[:, self.num_condition :]
 
 
-def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str = "skullbreak") -> list[dict]:
-    """The first ``num_cases`` entries of the test split (skull by skull, all defect classes of each)."""
-    cases = build_datalist(dataset, dataset_dir)["test"][:num_cases]
+def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str = "skullbreak",
+                   split_file: str | os.PathLike | None = None, split: str = "test") -> list[dict]:
+    """The first ``num_cases`` entries of ``split`` ("validation", "test" or "all": a generator seed that nothing
+    trained on) of ``split_file`` (None: the split made from the ids on disk), skull by skull, all defect classes
+    of each."""
+    builder = skullbreak_datalist if dataset == "skullbreak" else skullfix_datalist
+    cases = builder(dataset_dir, split=split, split_file=split_file)[:num_cases]
     if len(cases) < num_cases:
-        raise ValueError(f"{dataset_dir}: the test split has only {len(cases)} cases, {num_cases} requested")
+        raise ValueError(f"{dataset_dir}: the {split} split has only {len(cases)} cases, {num_cases} requested")
     return cases
 
 
@@ -216,16 +220,17 @@ def _markdown(rows: list[dict]) -> str:
 
 def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, settings: str | None = None,
          unet_weights: str | None = None, unet_overrides: dict | None = None, seed: int = 0,
-         headline_set: str | None = None, **overrides) -> str:
+         headline_set: str | None = None, split_file: str | None = None, split: str = "test", **overrides) -> str:
     """Run the study; ``settings``: comma-separated names of SETTINGS or TRUE_POINT_SETTINGS (default: all
     SETTINGS), plus the U-Net row when ``unet_weights`` is given (``unet_overrides`` go to
     configs/inference_unet.json, e.g. ``{'working_size': 64}``). ``overrides`` go to
     configs/inference.json (e.g. preset); the no-defect guards are off unless set there (see :func:`guard_stops`).
-    ``headline_set``: write the DEFAULT row to HEADLINE under this case-set name (:func:`write_headline`)."""
+    ``headline_set``: write the DEFAULT row to HEADLINE under this case-set name (:func:`write_headline`).
+    ``split_file`` / ``split``: which cases (:func:`held_out_cases`; default the test split made from the ids)."""
     if headline_set is not None and (overrides or seed != 0):
         raise ValueError("headline numbers come from the default configs: no overrides, seed 0")
     overrides = {**GUARDS_OFF, **overrides}
-    cases = held_out_cases(dataset_dir, num_cases)
+    cases = held_out_cases(dataset_dir, num_cases, split_file=split_file, split=split)
     names = list(SETTINGS) if settings is None else [s.strip() for s in settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS and n not in TRUE_POINT_SETTINGS]
     if unknown:
@@ -248,7 +253,8 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         rows.append(_row(name, report, summaries, setting["steps"]))
         if headline_set is not None and name == DEFAULT:
             command = (f"python -m tools.quality_study --dataset_dir {dataset_dir} --num_cases {num_cases} "
-                       f"--settings {shlex.quote(DEFAULT)} --headline_set {shlex.quote(headline_set)}")
+                       f"--settings {shlex.quote(DEFAULT)} --headline_set {shlex.quote(headline_set)}"
+                       + (f" --split_file {split_file} --split {split}" if split_file or split != "test" else ""))
             write_headline(HEADLINE, headline_set, dataset_dir, rows[-1], summaries, command)
         print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     if unet_weights:

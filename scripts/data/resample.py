@@ -12,28 +12,65 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch, SpatialPad
 
-__all__ = ["to_original_grid", "pad_to_cube"]
+__all__ = ["reach", "to_original_box", "to_original_grid", "pad_to_cube"]
 
 
 def _binarize(img: MetaTensor) -> MetaTensor:
     return (img >= 0.5).to(torch.uint8)
 
 
+def reach(mask: MetaTensor, reference: MetaTensor) -> tuple[slice, slice, slice] | None:
+    """The box of ``reference``'s voxels (1, X, Y, Z) whose values :func:`to_original_grid` can take from the
+    nonzero voxels of ``mask`` (1, X', Y', Z'): their box, one voxel wider for the linear interpolation, mapped
+    through both affines; None if the mask is empty. Elsewhere the resampled values are 0."""
+    found = torch.nonzero(mask[0].as_tensor() if isinstance(mask, MetaTensor) else mask[0])
+    if not len(found):
+        return None
+    lo, hi = found.min(0).values.double() - 1.0, found.max(0).values.double() + 1.0
+    corners = torch.stack(torch.meshgrid(*[torch.stack([a, b]) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+    to_reference = torch.linalg.inv(reference.affine.double()) @ mask.affine.double()
+    voxels = corners @ to_reference[:3, :3].T + to_reference[:3, 3]
+    shape = torch.tensor(reference.shape[1:])
+    start = torch.clamp(torch.floor(voxels.min(0).values).long() - 1, min=0)
+    stop = torch.minimum(torch.ceil(voxels.max(0).values).long() + 2, shape)
+    if (stop <= start).any():
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def to_original_box(mask: MetaTensor, reference: MetaTensor, binary: bool = True):
+    """:func:`to_original_grid` computed only where it can be nonzero: ``(box, values (1, *box size))`` with the
+    box of :func:`reach` (None, None for an empty mask). The full-resolution work of a large scan is then the
+    size of the implant, not of the scan."""
+    box = reach(mask, reference)
+    if box is None:
+        return None, None
+    start = torch.tensor([b.start for b in box], dtype=torch.float64)
+    affine = reference.affine.double().clone()
+    affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
+    target = MetaTensor(torch.zeros((1, *(b.stop - b.start for b in box)), dtype=torch.uint8), affine=affine)
+    out = ResampleToMatch(mode="bilinear", padding_mode="border")(mask.float(), img_dst=target)
+    return box, (_binarize(out) if binary else out).as_tensor()
+
+
 def to_original_grid(mask: MetaTensor, reference: MetaTensor, binary: bool = True) -> MetaTensor:
     """Resample ``mask`` (1, X', Y', Z') onto the grid of ``reference`` (1, X, Y, Z).
 
     Works from any grid, in any pose (the canonical cube of :mod:`scripts.frame`). Values beyond the
-    mask's edge repeat its border (the canonical cube's border is its empty margin). The result has the
-    reference's exact spatial shape and affine.
+    mask's edge repeat its border (the canonical cube's border is its empty margin), and are computed only
+    in the box the mask's nonzero voxels reach (:func:`to_original_box`). The result has the reference's exact
+    spatial shape and affine.
 
     Args:
         mask: binary mask or float map (e.g. a variance map) with its affine.
         reference: the original image defining the output grid.
         binary: threshold the linearly resampled values at 0.5 -> uint8; else float32.
     """
-    out = ResampleToMatch(mode="bilinear", padding_mode="border")(mask.float(), img_dst=reference)
-    out.affine = reference.affine.clone()  # numerically recomputed by MONAI; make it bit-identical
-    return _binarize(out) if binary else out
+    out = torch.zeros(reference.shape, dtype=torch.uint8 if binary else torch.float32)
+    box, values = to_original_box(mask, reference, binary)
+    if box is not None:
+        out[(slice(None), *box)] = values
+    return MetaTensor(out, affine=reference.affine.clone())
 
 
 def pad_to_cube(img: MetaTensor, size: int) -> MetaTensor:
