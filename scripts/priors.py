@@ -407,9 +407,9 @@ class AnatomicalPriors:
         icp_distance: 0.3: the ICP's correspondence distance in the denoiser's units (the skull's longest
             extent / 6; about 6 voxels on the 128^3 grid); not re-measured.
 
-    Other numbers in :mod:`scripts.priors` are not tuned: the rays' sampling step (half a voxel,
-    :func:`radial_bone`), the neighbour spacing of the ray graph (1.6 ray spacings), and the 20 rays an
-    estimate needs to be fitted at all.
+    Other numbers of the priors were not tuned and are not arguments: the rays' sampling step (half a voxel,
+    :func:`radial_bone`), the neighbour spacing of the ray graph (1.6 ray spacings), the 20 rays an estimate
+    needs to be fitted at all, and the ICP's 50 iterations (:func:`scripts.mirror.mirror_transform`).
     """
 
     def __init__(
