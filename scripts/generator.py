@@ -3,8 +3,10 @@
 The diffusion sampler completes the skull's surface points (``num_samples`` members in one batch, each
 with its own draw of the points), the SAP network predicts oriented points for every member and DPSR
 solves for the indicator at the cube's full resolution -> complete skull -> implant (subtract, clean);
-ensemble statistics (majority vote, probability, variance) on the model grid. Mapping back to the
-input grid and writing the results are the inference config's postprocessing.
+ensemble statistics (majority vote, probability, variance) on the model grid. The anatomical priors
+(:class:`~scripts.priors.AnatomicalPriors`, the config's ``priors``) complete the sampled points before the
+voxelizer and the members' masks after it. Mapping back to the input grid and writing the results are the
+inference config's postprocessing.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from scripts.data.points import (
 )
 from scripts.implant import ensemble_mean_and_variance, postprocess_ensemble
 from scripts.io import mask3d
-from scripts.mirror import mirror_transform
-from scripts.priors import SkullRays, merge_prior_points
+from scripts.priors import AnatomicalPriors, CasePriors
 from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 __all__ = ["ImplantGenerator"]
+
+# a generator without priors reports them all off in its summary
+NO_PRIORS = AnatomicalPriors(mirror=False, shell=False, fill=False, mirrored_openings=False)
 
 
 class ImplantGenerator(Inferer):
@@ -52,18 +56,10 @@ class ImplantGenerator(Inferer):
         max_distance_vox: implant voxels farther than this from the generated points are dropped.
         dilate: dilations of each complete-skull mask (the reference dilates once at 0.4 mm voxels;
             at coarser grids one voxel is a lot of bone, so the small preset uses 0).
-        mirror_prior: after sampling, replace each member's implant points in the directions where the
-            skull's aligned mirror image has bone the skull lacks by points on the mirrored bone, anchored to
-            the bone around the hole (:class:`~scripts.priors.SkullRays`).
-        shell_prior: members the mirror covers less than ``shell_below`` of (defects across the midline)
-            take the skull's shell interpolated across the hole instead.
-        prior_fill: a member's implant in the directions its prior fills is the prior's bone as voxels
-            (:meth:`fill_priors`) rather than the voxelizer's surface through the merged points, where the
-            prior gave at least ``fill_above`` of its implant points (less: the sample lies mostly on bone,
-            as on a skull without a defect, and the prior's holes are natural openings).
-        mirrored_openings: with ``mirror_prior``, each member's implant leaves out the directions where the
-            skull and its mirror image are both open and the mirror image of its sample has no points
-            (:meth:`~scripts.priors.SkullRays.mirrored_openings`: an orbit the sample spilled into).
+        priors: :class:`~scripts.priors.AnatomicalPriors`: after sampling, each member's implant points are
+            merged with a prior's estimate of the missing bone (:meth:`~scripts.priors.AnatomicalPriors.merge`),
+            and after the voxelizer its masks take the prior's voxels
+            (:meth:`~scripts.priors.AnatomicalPriors.voxels`); None: the diffusion sample alone.
     """
 
     def __init__(
@@ -84,12 +80,7 @@ class ImplantGenerator(Inferer):
         dilate: int = 1,
         device: str | torch.device = "cpu",
         progress: bool = True,
-        mirror_prior: bool = False,
-        shell_prior: bool = False,
-        shell_below: float = 0.5,
-        prior_fill: bool = True,
-        fill_above: float = 0.5,
-        mirrored_openings: bool = True,
+        priors: AnatomicalPriors | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -107,14 +98,7 @@ class ImplantGenerator(Inferer):
         self.surface_points = int(surface_points or 4 * num_condition)
         self.margin, self.max_distance_vox, self.dilate = int(margin), float(max_distance_vox), int(dilate)
         self.progress = progress
-        self.mirror_prior, self.shell_prior = bool(mirror_prior), bool(shell_prior)
-        self.shell_below = float(shell_below)
-        self.prior_fill, self.fill_above = bool(prior_fill), float(fill_above)
-        self.mirrored_openings = bool(mirrored_openings)
-        self.rays: SkullRays | None = None  # of the last run with a prior
-        self.estimates: list = []  # per member of the last run: the prior's RayEstimate or None
-        self.priors: list[str] = []  # per member of the last run: "mirror", "shell" or "none"
-        self.prior_fractions: list[float] = []
+        self.priors = priors
 
     def condition_points(self, defective: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Defective mask (X, Y, Z) -> each member's skull points and the denoiser's condition, both (K, Nc, 3)
@@ -158,45 +142,6 @@ class ImplantGenerator(Inferer):
             clouds[:, : self.num_condition] = skulls
         return clouds, clouds[:, self.num_condition :]
 
-    def merge_priors(self, defective: np.ndarray, clouds: np.ndarray) -> list[np.ndarray]:
-        """Each member's implant points (clouds (K, N, 3) voxel coords) merged with a prior's estimate of
-        the missing bone (:mod:`scripts.priors`): the mirror's where it covers at least ``shell_below`` of
-        them, else the smooth shell's where that covers more (the mirror is across the canonical cube's axis 0,
-        left-right, :mod:`scripts.frame`). Sets ``priors``, ``prior_fractions`` (share of implant points
-        replaced, 0: kept), ``estimates`` (each member's :class:`~scripts.priors.RayEstimate`, None where no
-        prior applies) and ``rays``."""
-        # rays are cast once per case, from member 0's centre (the bounding-box centre of its condition)
-        centre = normalization_params(clouds[0, : self.num_condition])[0]
-        mirror = mirror_transform(defective, seed=self.seed) if self.mirror_prior else None
-        self.rays = SkullRays(defective, centre, mirror, seed=self.seed)
-        rng = np.random.default_rng(self.seed)
-        merged, self.priors, self.prior_fractions, self.estimates = [], [], [], []
-        for implant in clouds[:, self.num_condition :]:
-            estimate = self.rays.mirror_estimate(implant)
-            points, fraction = merge_prior_points(implant, self.rays.points(estimate), centre, rng)
-            prior = "mirror" if fraction > 0 else "none"
-            if self.shell_prior and fraction < self.shell_below:
-                shell = self.rays.shell_estimate(implant)
-                shell_points, shell_fraction = merge_prior_points(implant, self.rays.points(shell), centre, rng)
-                if shell_fraction > fraction:
-                    points, fraction, prior, estimate = shell_points, shell_fraction, "shell", shell
-            merged.append(points)
-            self.priors.append(prior)
-            self.prior_fractions.append(fraction)
-            self.estimates.append(estimate if prior != "none" else None)
-        return merged
-
-    def apply_priors(self, defective: np.ndarray, clouds: np.ndarray) -> np.ndarray:
-        """Completed clouds (K, N, 3) voxel coords -> the same with the members' implant points merged with
-        a prior (:meth:`merge_priors`)."""
-        merged = self.merge_priors(defective, clouds)
-        changed = [k for k, prior in enumerate(self.priors) if prior != "none"]
-        if not changed:
-            return clouds
-        clouds = clouds.copy()  # the condition points stay as they are; only the implant points change
-        clouds[changed, self.num_condition :] = np.stack([merged[k] for k in changed])
-        return clouds
-
     @torch.no_grad()
     def indicators(self, clouds: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
         """Completed clouds (K, N, 3) in voxel coords of a cube of side max(shape) -> indicator
@@ -213,8 +158,9 @@ class ImplantGenerator(Inferer):
     def __call__(self, inputs, network: torch.nn.Module | None = None) -> dict:
         """Defective mask on an isotropic cube grid ((X, Y, Z) or (1, X, Y, Z), numpy or torch) -> dict with
         "completes" (K, X, Y, Z) bool, "implants" (K, X, Y, Z) bool, "implant_mean" bool,
-        "probability"/"variance" float32 (None for K = 1), "points" (K, N, 3), "timings" (s) and
-        "settings" (sampler, steps, eta, network calls, ... for the case summary).
+        "probability"/"variance" float32 (None for K = 1), "points" (K, N, 3), "priors" (the case's
+        :class:`~scripts.priors.CasePriors`, None without priors), "timings" (s) and "settings" (sampler,
+        steps, eta, network calls, priors, ... for the case summary).
 
         ``network`` is there for MONAI's Inferer interface: an evaluator passes its network, which
         must be this generator's denoiser.
@@ -226,10 +172,10 @@ class ImplantGenerator(Inferer):
         start = time.perf_counter()
         clouds, generated = self.complete_points(defective)
         timings["diffusion"] = time.perf_counter() - start
-        self.priors, self.prior_fractions, self.estimates = [], [], []
-        if self.mirror_prior or self.shell_prior:
+        priors = None
+        if self.priors is not None and self.priors.enabled:
             start = time.perf_counter()
-            clouds = self.apply_priors(defective, clouds)
+            clouds, priors = self.priors.merge(defective, clouds, self.num_condition, self.seed)
             generated = clouds[:, self.num_condition :]
             timings["priors"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -237,41 +183,12 @@ class ImplantGenerator(Inferer):
         timings["voxelization"] = time.perf_counter() - start
         start = time.perf_counter()
         result = postprocess_ensemble(grids.numpy(), defective, generated, self.dilate, self.max_distance_vox)
-        if self.prior_fill:
-            result = self.fill_priors(result, defective)
-        if self.mirror_prior and self.mirrored_openings:
-            result = self.clear_openings(result, generated)
+        if priors is not None:
+            members = self.priors.voxels(priors, defective, generated, result["completes"], result["implants"])
+            if members is not None:  # the mean implant is then the members' majority vote
+                result = self._with_members(result, *members)
         timings["postprocessing"] = time.perf_counter() - start
-        return {**result, "points": clouds, "timings": timings, "settings": self.settings()}
-
-    def fill_priors(self, result: dict, defective: np.ndarray) -> dict:
-        """The ensemble ``result`` of :func:`~scripts.implant.postprocess_ensemble` with the implant of each
-        member whose prior gave at least ``fill_above`` of its points replaced, in the directions its prior
-        fills, by the prior's bone as voxels (:meth:`~scripts.priors.SkullRays.fill`); the voxelized implant
-        stays elsewhere (the rim of a hole the prior does not reach). The mean implant is then the members'
-        majority vote. Without such a member the result is returned as it is.
-
-        The prior's bone goes in as voxels, uncleaned: the clean-up's opening is made for the voxelizer's
-        films and specks and thins a 3-4 voxel shell (docs/history/training_notebook.md measures it).
-        """
-        filled = [k for k, (estimate, fraction) in enumerate(zip(self.estimates, self.prior_fractions))
-                  if estimate is not None and fraction >= self.fill_above]
-        if not filled:  # the result stays as the voxelizer made it, mean implant included
-            return result
-        completes, implants = result["completes"].copy(), result["implants"].copy()
-        for k in filled:
-            bone, cone = self.rays.fill(self.estimates[k], defective.shape)
-            implants[k] = (bone & ~defective) | (implants[k] & ~cone)
-            completes[k] = (completes[k] & ~cone) | bone | defective
-        return self._with_members(result, completes, implants)
-
-    def clear_openings(self, result: dict, generated: np.ndarray) -> dict:
-        """The ensemble ``result`` with each member's implant (and complete skull) cleared of the natural
-        openings its implant points ``generated`` (K, Nt, 3) spilled into, as the mirror shows them
-        (:meth:`~scripts.priors.SkullRays.clear_openings`); the mean implant is then the members' majority vote."""
-        implants = np.stack([self.rays.clear_openings(mask, points) for mask, points in zip(result["implants"], generated)])
-        completes = result["completes"] & ~(result["implants"] & ~implants)
-        return self._with_members(result, completes, implants)
+        return {**result, "points": clouds, "priors": priors, "timings": timings, "settings": self.settings(priors)}
 
     @staticmethod
     def _with_members(result: dict, completes: np.ndarray, implants: np.ndarray) -> dict:
@@ -283,8 +200,8 @@ class ImplantGenerator(Inferer):
         return {**result, "completes": completes, "implants": implants, "implant_mean": mean,
                 "probability": probability, "variance": variance}
 
-    def settings(self) -> dict:
-        """The sampling settings of the last run, as the case summary reports them."""
+    def settings(self, priors: CasePriors | None = None) -> dict:
+        """The sampling settings of a run and its ``priors`` (None: none ran), as the case summary reports them."""
         return {
             "num_samples": self.num_samples,
             "sampler": self.sampler,
@@ -293,10 +210,5 @@ class ImplantGenerator(Inferer):
             "network_calls": self.diffusion.last_model_calls,
             "seed": self.seed,
             "device": str(self.device),
-            "mirror_prior": self.mirror_prior,
-            "shell_prior": self.shell_prior,
-            "prior": self.priors,
-            "prior_fraction": [round(f, 3) for f in self.prior_fractions],
-            "prior_fill": self.prior_fill,
-            "mirrored_openings": self.mirror_prior and self.mirrored_openings,
+            **(self.priors if self.priors is not None else NO_PRIORS).settings(priors),
         }

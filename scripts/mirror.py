@@ -21,15 +21,16 @@ __all__ = ["mirror_transform", "mirrored_skull"]
 
 
 def mirror_transform(
-    defective: np.ndarray, axis: int = 0, num_surface: int = 6000, icp_distance: float = 0.3, seed: int = 0
+    defective: np.ndarray, axis: int = 0, *, num_surface: int, icp_distance: float, seed: int = 0
 ) -> np.ndarray:
     """The 4x4 voxel-to-voxel transform that maps the skull onto its aligned mirror image.
 
     ``defective (X, Y, Z)`` bool on an isotropic grid. ``num_surface`` Poisson-disk points on its surface
-    (about 3 voxels apart on a 128^3 skull) are reflected across ``axis`` about their mean and aligned to
-    the originals by point-to-point ICP with correspondences within ``icp_distance``, in the units the
-    denoiser sees (the skull's longest extent / 6, about 19 voxels on the 128^3 synthetic grid), so it
-    does not depend on the grid.
+    are reflected across ``axis`` about their mean and aligned to the originals by point-to-point ICP with
+    correspondences within ``icp_distance``, in the units the denoiser sees (the skull's longest extent / 6,
+    about 19 voxels on the 128^3 synthetic grid), so it does not depend on the grid. The two numbers are
+    :class:`scripts.priors.AnatomicalPriors`' ``mirror_points`` and ``icp_distance`` (their values and why
+    are there; :meth:`~scripts.priors.AnatomicalPriors.mirror_transform` passes them).
     """
     points = mask_to_surface_points(defective, num_surface, seed=seed)
     unit = float(normalization_params(points)[1])

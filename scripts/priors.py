@@ -9,7 +9,7 @@ the skull's centre and estimates the shell across the hole the sample filled in 
   bone where the defect is. Its thickness is read off the same rays; its outer radius is a weighted mean
   of the mirror image's, shifted by the offset between skull and mirror image on the bone around the hole
   (interpolated into the hole, so that the mirrored bone meets the rim even where the skull is
-  asymmetric), and the shell's below (weight 0.3).
+  asymmetric), and the shell's below (``shell_weight``).
 - **shell** (defects across the midline, whose mirror image is the same hole): the outer radius and the
   thickness of the bone around the hole, interpolated into it. Classical cranioplasty planning
   interpolates the vault the same way.
@@ -25,6 +25,11 @@ real vaults are close to it, the face and skull base are not.
 The mirror also tells natural openings from a one-sided defect (:meth:`SkullRays.mirrored_openings`): an
 orbit is open on both sides of the skull, and the sample has no points at its mirror image, while a
 one-sided defect has bone there.
+
+:class:`AnatomicalPriors` is what the inference config builds (its ``priors``) and the generator runs:
+the switches, every tuned number with why and where it was measured, and per case :meth:`~AnatomicalPriors.merge`
+(the points, before the voxelizer; it returns the case's :class:`CasePriors`) and
+:meth:`~AnatomicalPriors.voxels` (the members' masks, after it).
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from scripts.mirror import mirrored_skull
+from scripts.data.points import normalization_params
+from scripts.mirror import mirror_transform, mirrored_skull
 
-__all__ = ["unit_directions", "merge_prior_points", "sphere_directions", "radial_bone", "RayEstimate", "SkullRays"]
+__all__ = ["unit_directions", "merge_prior_points", "sphere_directions", "radial_bone", "RayEstimate", "SkullRays",
+           "CasePriors", "AnatomicalPriors"]
 
 
 def unit_directions(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -54,9 +61,10 @@ def merge_prior_points(
     missing: np.ndarray,
     centre: np.ndarray,
     rng: np.random.Generator,
-    near_rad: float = 0.15,
-    cover_rad: float = 0.08,
-    min_cover: float = 0.1,
+    *,
+    near_rad: float,
+    cover_rad: float,
+    min_cover: float,
 ) -> tuple[np.ndarray, float]:
     """Merge a sample's implant points with a prior's estimate of the missing bone.
 
@@ -65,7 +73,9 @@ def merge_prior_points(
     sphere, about radians) from every generated point are dropped; generated points within ``cover_rad``
     of a kept estimate point are "covered" and replaced by as many kept estimate points (drawn by
     ``rng``). Returns the merged ``(N, 3)`` points and the covered fraction; with less than
-    ``min_cover`` covered, the sample is returned unchanged with fraction 0.
+    ``min_cover`` covered, the sample is returned unchanged with fraction 0. The numbers are
+    :class:`AnatomicalPriors`' (:meth:`AnatomicalPriors.merge_estimate`); an estimate of :class:`SkullRays`
+    with the same ``near_rad`` lies within it of the sample by construction, so the first test keeps all of it.
     """
     if len(missing) == 0:
         return generated, 0.0
@@ -137,7 +147,7 @@ class SkullRays:
         centre: ``(3,)`` the skull's centre, voxel coords (rays start there).
         mirror: the 4x4 voxel transform onto the skull's aligned mirror image
             (:func:`scripts.mirror.mirror_transform`); None: no mirror estimate.
-        num_directions: rays cast (20,000: about 1.4 degrees apart).
+        num_directions: rays cast.
         near_rad: hole directions farther than this (chord on the unit sphere, about radians) from every
             sampled implant point are not the defect (face, skull base, orbits) and are left open.
         context_rad: rays that meet bone within this angle of the hole carry the fits.
@@ -146,16 +156,18 @@ class SkullRays:
         smoothing: the thin-plate splines' smoothing (voxel-quantised radii are noisy by about half a voxel).
         max_context: rays used per fit (a random subset; the spline's solve is cubic in it).
         opening_rad, min_opening: :meth:`fill` leaves out the hole rays within ``opening_rad`` of an open
-            region of at least ``min_opening`` steradians that the hole runs into (the orbits of the
-            synthetic skulls span 0.06-0.16 sr, what is left of a defect beyond ``near_rad`` up to 0.03).
+            region of at least ``min_opening`` steradians that the hole runs into.
         shell_weight: the shell's weight in the mirror estimate's outer radius (:meth:`mirror_estimate`).
         seed: seeds that subset and the area-weighted thinning of the surface points.
+
+    The numbers have no defaults here: their values, and why, are :class:`AnatomicalPriors`', whose
+    :meth:`~AnatomicalPriors.rays` builds this class with them.
     """
 
-    def __init__(self, defective: np.ndarray, centre: np.ndarray, mirror: np.ndarray | None = None,
-                 num_directions: int = 20000, near_rad: float = 0.1, context_rad: float = 0.3,
-                 rim_rad: float = 0.05, smoothing: float = 1.0, max_context: int = 1500, opening_rad: float = 0.15,
-                 min_opening: float = 0.05, shell_weight: float = 0.3, seed: int = 0) -> None:
+    def __init__(self, defective: np.ndarray, centre: np.ndarray, mirror: np.ndarray | None = None, *,
+                 num_directions: int, near_rad: float, context_rad: float, rim_rad: float, smoothing: float,
+                 max_context: int, opening_rad: float, min_opening: float, shell_weight: float,
+                 seed: int = 0) -> None:
         self.centre = np.asarray(centre, dtype=float)
         self.directions = sphere_directions(num_directions)
         self.hit, self.outer, self.inner = radial_bone(defective, self.centre, self.directions)
@@ -312,3 +324,226 @@ class SkullRays:
         _, vault_context, _ = self._around(implant, ~self.hit)
         outer = (1.0 - self.shell_weight) * anchored + self.shell_weight * self._fit(vault_context, self.outer, at, rng)
         return RayEstimate(hole, outer, np.maximum((mirror_outer - mirror_inner)[hole], 1.0))
+
+
+@dataclass
+class CasePriors:
+    """One case's priors, as :meth:`AnatomicalPriors.merge` returns them: the ``rays`` cast from the skull's
+    centre and, per member, the prior that completed its implant points (``names``: "mirror", "shell" or
+    "none"), the share of its implant points the prior gave (``fractions``, 0: the sample is kept) and the
+    prior's estimate (``estimates``, None where no prior applies)."""
+
+    rays: SkullRays
+    names: list[str]
+    fractions: list[float]
+    estimates: list[RayEstimate | None]
+
+
+class AnatomicalPriors:
+    """The anatomical priors of the inference config (its ``priors``; docs/README.md, "The anatomical
+    priors"): which of them run and every number they were tuned with. ``None`` in its place (the
+    generator's default) runs none.
+
+    The switches are the config's user options:
+
+    Args:
+        mirror: ``--mirror_prior``: each member's implant points where the skull's aligned mirror image has
+            bone the skull lacks come from the mirrored bone, anchored to the bone around the hole
+            (:meth:`SkullRays.mirror_estimate`).
+        shell: ``--shell_prior``: members the mirror covers less than ``shell_below`` of (defects across the
+            midline) take the skull's shell interpolated across the hole instead (:meth:`SkullRays.shell_estimate`).
+        fill: ``--prior_fill``: a member's implant, in the directions its prior fills, is the prior's bone as
+            voxels (:meth:`SkullRays.fill`) rather than the voxelizer's surface through the merged points,
+            where the prior gave at least ``fill_above`` of its implant points.
+        mirrored_openings: ``--mirrored_openings``, with ``mirror``: each member's implant leaves out the
+            directions where the skull and its mirror image are both open and the mirror image of its sample
+            has no points (:meth:`SkullRays.clear_openings`: an orbit the sample spilled into).
+
+    The tuned numbers, each with why this value and where it was measured (sections of
+    docs/history/training_notebook.md: "Merging the mirror into the sample" (0.7.0), "Anatomical priors
+    from rays" (0.8.0), "The priors' bone as voxels" (0.9.0); "study": the 20 study cases, "seed 4242": the
+    10 held-out cases of the second generator seed; DSC / bDSC / HD95 mm):
+
+    Args:
+        shell_below: 0.5: the shell replaces the mirror for a member below this mirror coverage; study DSC is
+            flat from 0.4 to 0.7 (0.811 each, 0.808 at 0.3, 0.798 at 0.8), seed 4242 0.824-0.835 (0.8.0).
+        fill_above: 0.5: the prior goes in as voxels only where it gave at least this share: every prior
+            member of the 0.9.0 studies had 0.53 or more, the shell on the sample's skull without its defect
+            0.14 (it would have put 3.9 ml over an opening; 0.9.0); not swept.
+        near_rad: 0.1: the hole is the open rays within this chord (about radians) of the sample's implant
+            directions; the sample's points are about 0.05 apart. Study 0.15 / 0.1 / 0.07: 0.860 / 0.844 /
+            2.87, 0.860 / 0.850 / 2.08, 0.859 / 0.851 / 1.90; seed 4242 at 0.1 +0.003 DSC against 0.15
+            (0.8.0, "A tighter hole"). The same reach marks the mirrored openings and bounds the merge.
+        cover_rad: 0.08: a sample point within this chord of a kept estimate point is replaced by one;
+            set with the 0.7.0 mirror merge (directions rather than distances: 0.760 against 0.739 DSC),
+            not re-measured since.
+        min_cover: 0.1: an estimate covering less than this share of a member's implant points leaves its
+            sample as it is; set with the 0.7.0 mirror merge, not re-measured.
+        num_directions: 20000: rays cast, about 1.4 degrees apart; 40,000 (1 degree) did not help (study
+            0.860 / 0.846 / 2.24 against 0.860 / 0.850 / 2.08; 0.8.0).
+        context_rad: 0.3: the rays meeting bone within this of the hole carry the splines; splines through
+            up to 1,500 rays within 0.3 brought the outer radius error over 5 true holes from 0.85 to 0.50
+            voxels, a wider context was not better (0.8.0).
+        rim_rad: 0.05: rays closer to the hole graze its cut edge and give no thickness: the shell's
+            thickness from rays beyond 0.05 lifted study DSC 0.732 -> 0.790 (0.8.0), the mirror's offset
+            from them moved its outer radius error from -0.21 to -0.05 voxels (median, 0.9.0); only 0.05
+            against none was measured.
+        smoothing: 1.0: the thin-plate splines' smoothing; against the complete skull on the hole's rays
+            (study) 0.3 / 1 / 3 / 10 gave median errors -0.31 / -0.08 / +0.09 / +0.30 voxels; 1 against 3
+            study DSC +0.004, seed 4242 +0.009 (0.9.0, "Less smoothing").
+        max_context: 1500: rays per spline fit (a random subset; the solve is cubic in it); 1,500 rays
+            within ``context_rad`` against the nearest 200: see ``context_rad`` (0.8.0); not swept.
+        shell_weight: 0.3: the shell's weight in the mirror's outer radius (their errors are opposite on
+            parietotemporal defects): 0 / 0.3 / 0.5 study DSC 0.873 / 0.885 / 0.884, seed 4242 0.869 / 0.877 /
+            0.875 (0.9.0, "The mirror's outer surface").
+        opening_rad: 0.15: the fill leaves out the hole rays within this of a natural opening the hole runs
+            into; prototype on the study cases 0.10 / 0.15 / 0.20: HD95 2.19 / 2.05 / 2.02 mm, none 2.80
+            (0.9.0, "Natural openings").
+        min_opening: 0.05: steradians an open region needs to count as a natural opening; the synthetic
+            orbits span 0.06-0.16 sr, what is left of a defect beyond ``near_rad`` up to 0.03 (0.9.0);
+            set between the two, not swept.
+        mirror_points: 6000: Poisson-disk surface points the mirror's ICP aligns (about 3 voxels apart on a
+            128^3 skull; mirror and ICP about 0.6 s per case on one core, 0.7.0); not re-measured.
+        icp_distance: 0.3: the ICP's correspondence distance in the denoiser's units (the skull's longest
+            extent / 6; about 6 voxels on the 128^3 grid); not re-measured.
+
+    Other numbers of the priors were not tuned and are not arguments: the rays' sampling step (half a voxel,
+    :func:`radial_bone`), the neighbour spacing of the ray graph (1.6 ray spacings), the 20 rays an estimate
+    needs to be fitted at all, and the ICP's 50 iterations (:func:`scripts.mirror.mirror_transform`).
+    """
+
+    def __init__(
+        self,
+        mirror: bool = True,
+        shell: bool = True,
+        fill: bool = True,
+        mirrored_openings: bool = True,
+        shell_below: float = 0.5,
+        fill_above: float = 0.5,
+        near_rad: float = 0.1,
+        cover_rad: float = 0.08,
+        min_cover: float = 0.1,
+        num_directions: int = 20000,
+        context_rad: float = 0.3,
+        rim_rad: float = 0.05,
+        smoothing: float = 1.0,
+        max_context: int = 1500,
+        shell_weight: float = 0.3,
+        opening_rad: float = 0.15,
+        min_opening: float = 0.05,
+        mirror_points: int = 6000,
+        icp_distance: float = 0.3,
+    ) -> None:
+        self.mirror, self.shell, self.fill = bool(mirror), bool(shell), bool(fill)
+        self.mirrored_openings = bool(mirrored_openings)
+        self.shell_below, self.fill_above = float(shell_below), float(fill_above)
+        self.near_rad, self.cover_rad, self.min_cover = float(near_rad), float(cover_rad), float(min_cover)
+        self.num_directions, self.context_rad, self.rim_rad = int(num_directions), float(context_rad), float(rim_rad)
+        self.smoothing, self.max_context, self.shell_weight = float(smoothing), int(max_context), float(shell_weight)
+        self.opening_rad, self.min_opening = float(opening_rad), float(min_opening)
+        self.mirror_points, self.icp_distance = int(mirror_points), float(icp_distance)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any prior runs (the mirror or the shell; the other switches act on their estimates)."""
+        return self.mirror or self.shell
+
+    def mirror_transform(self, defective: np.ndarray, axis: int = 0, seed: int = 0) -> np.ndarray:
+        """:func:`scripts.mirror.mirror_transform` with ``mirror_points`` and ``icp_distance``."""
+        return mirror_transform(defective, axis, num_surface=self.mirror_points, icp_distance=self.icp_distance,
+                                seed=seed)
+
+    def rays(self, defective: np.ndarray, centre: np.ndarray, mirror: np.ndarray | None = None,
+             seed: int = 0) -> SkullRays:
+        """:class:`SkullRays` of ``defective`` from ``centre`` (``mirror``: its mirror transform, or None)
+        with these numbers."""
+        return SkullRays(defective, centre, mirror, num_directions=self.num_directions, near_rad=self.near_rad,
+                         context_rad=self.context_rad, rim_rad=self.rim_rad, smoothing=self.smoothing,
+                         max_context=self.max_context, opening_rad=self.opening_rad, min_opening=self.min_opening,
+                         shell_weight=self.shell_weight, seed=seed)
+
+    def merge_estimate(self, generated: np.ndarray, missing: np.ndarray, centre: np.ndarray,
+                       rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """:func:`merge_prior_points` with ``near_rad``, ``cover_rad`` and ``min_cover``."""
+        return merge_prior_points(generated, missing, centre, rng, near_rad=self.near_rad, cover_rad=self.cover_rad,
+                                  min_cover=self.min_cover)
+
+    def merge(self, defective: np.ndarray, clouds: np.ndarray, num_condition: int,
+              seed: int = 0) -> tuple[np.ndarray, CasePriors]:
+        """Completed clouds (K, N, 3) voxel coords of ``defective`` (their first ``num_condition`` points
+        the skull's) -> the same with each member's implant points merged with a prior's estimate of the
+        missing bone, and the case's :class:`CasePriors`.
+
+        A member takes the mirror's estimate where it covers at least ``shell_below`` of its implant points,
+        else (with ``shell``) the smooth shell's where that covers more (the mirror is across the canonical
+        cube's axis 0, left-right, :mod:`scripts.frame`). The rays are cast once per case, from member 0's
+        centre (the bounding-box centre of its condition); ``seed`` seeds the mirror's surface points, the
+        rays' subsets and the merge's draws. The clouds come back as they are when no member changed
+        (a copy otherwise: the condition points stay, only the implant points change).
+        """
+        centre = normalization_params(clouds[0, :num_condition])[0]
+        mirror = self.mirror_transform(defective, seed=seed) if self.mirror else None
+        rays = self.rays(defective, centre, mirror, seed=seed)
+        rng = np.random.default_rng(seed)
+        merged, names, fractions, estimates = [], [], [], []
+        for implant in clouds[:, num_condition:]:
+            estimate = rays.mirror_estimate(implant)
+            points, fraction = self.merge_estimate(implant, rays.points(estimate), centre, rng)
+            prior = "mirror" if fraction > 0 else "none"
+            if self.shell and fraction < self.shell_below:
+                shell = rays.shell_estimate(implant)
+                shell_points, shell_fraction = self.merge_estimate(implant, rays.points(shell), centre, rng)
+                if shell_fraction > fraction:
+                    points, fraction, prior, estimate = shell_points, shell_fraction, "shell", shell
+            merged.append(points)
+            names.append(prior)
+            fractions.append(fraction)
+            estimates.append(estimate if prior != "none" else None)
+        case = CasePriors(rays, names, fractions, estimates)
+        changed = [k for k, prior in enumerate(names) if prior != "none"]
+        if changed:
+            clouds = clouds.copy()
+            clouds[changed, num_condition:] = np.stack([merged[k] for k in changed])
+        return clouds, case
+
+    def voxels(self, case: CasePriors, defective: np.ndarray, generated: np.ndarray, completes: np.ndarray,
+               implants: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The members' complete skulls and implants (K, X, Y, Z) bool, made by the voxelizer from the
+        merged points ``generated`` (K, Nt, 3), with the priors' voxels: (completes, implants), or None
+        where neither step below changed them (the voxelizer's result stands, mean implant included).
+
+        - ``fill``: each member whose prior gave at least ``fill_above`` of its points takes, in the
+          directions its prior fills, the prior's bone as voxels (:meth:`SkullRays.fill`); the voxelized
+          implant stays elsewhere (the rim of a hole the prior does not reach). The prior's bone goes in
+          uncleaned: the clean-up's opening is made for the voxelizer's films and specks and thins a 3-4
+          voxel shell (docs/history/training_notebook.md measures it).
+        - ``mirror`` and ``mirrored_openings``: each member's implant (and complete skull) is cleared of the
+          natural openings its points spilled into, as the mirror shows them (:meth:`SkullRays.clear_openings`).
+        """
+        changed = False
+        if self.fill:
+            filled = [k for k, (estimate, fraction) in enumerate(zip(case.estimates, case.fractions))
+                      if estimate is not None and fraction >= self.fill_above]
+            if filled:
+                completes, implants = completes.copy(), implants.copy()
+                for k in filled:
+                    bone, cone = case.rays.fill(case.estimates[k], defective.shape)
+                    implants[k] = (bone & ~defective) | (implants[k] & ~cone)
+                    completes[k] = (completes[k] & ~cone) | bone | defective
+                changed = True
+        if self.mirror and self.mirrored_openings:
+            cleared = np.stack([case.rays.clear_openings(mask, points) for mask, points in zip(implants, generated)])
+            completes = completes & ~(implants & ~cleared)
+            implants, changed = cleared, True
+        return (completes, implants) if changed else None
+
+    def settings(self, case: CasePriors | None) -> dict:
+        """The priors of a case (``case``: None where none ran), as the case summary reports them."""
+        return {
+            "mirror_prior": self.mirror,
+            "shell_prior": self.shell,
+            "prior": [] if case is None else list(case.names),
+            "prior_fraction": [] if case is None else [round(f, 3) for f in case.fractions],
+            "prior_fill": self.fill,
+            "mirrored_openings": self.mirror and self.mirrored_openings,
+        }

@@ -402,6 +402,56 @@ def test_the_shell_prior_fills_a_defect_across_the_midline(tmp_path, generator):
     assert dsc["both"] > dsc["voxelized"] > dsc["mirror"] + 0.1
 
 
+def test_the_config_builds_the_priors_with_every_tuned_number():
+    """configs/inference.json's ``priors`` names every argument of :class:`~scripts.priors.AnatomicalPriors`
+    at its default (the tuned numbers have one value), the user options switch it (``--mirror_prior`` ...)
+    and ``--priors#<name>`` changes a number; the generator gets it and keeps no prior state of its own."""
+    import inspect
+
+    from scripts.priors import AnatomicalPriors
+
+    parser = _parser()
+    assert set(parser["priors"]) - {"_target_", "_desc_"} == set(inspect.signature(AnatomicalPriors).parameters)
+    assert vars(parser.get_parsed_content("priors")) == vars(AnatomicalPriors())
+    off = _parser(mirror_prior="false", shell_prior="no", prior_fill=False, mirrored_openings="off")
+    assert vars(off.get_parsed_content("priors")) == vars(AnatomicalPriors(False, False, False, False))
+    assert _parser(**{"priors#shell_weight": 0.5}).get_parsed_content("priors").shell_weight == 0.5
+    generator = _generator()
+    assert isinstance(generator.priors, AnatomicalPriors) and generator.priors.enabled
+    assert not {"rays", "estimates", "prior_fractions", "mirror_prior"} & set(vars(generator))
+
+
+def test_the_generator_returns_each_case_s_priors():
+    """The case's priors come back in the generator's result (``priors``, a :class:`~scripts.priors.CasePriors`
+    with one prior per member) and its summary settings, nothing of them on the generator; ``priors=None``
+    runs none and reports them off. Tiny untrained networks on a 64^3 synthetic skull."""
+    from scripts.data.synthetic import skullbreak_case
+    from scripts.diffusion.process import ConditionalDiffusion
+    from scripts.generator import ImplantGenerator
+    from scripts.priors import AnatomicalPriors, CasePriors
+
+    defective, _ = skullbreak_case(0, size=64).defect("parietotemporal")
+    torch.manual_seed(0)
+    networks = PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion()
+
+    def run(priors):
+        generator = ImplantGenerator(*networks, 448, 64, steps=1, num_samples=2, dilate=0, progress=False,
+                                     priors=priors)
+        return generator, generator(defective)
+
+    generator, result = run(AnatomicalPriors())
+    assert isinstance(result["priors"], CasePriors) and len(result["priors"].names) == 2
+    assert result["settings"]["prior"] == result["priors"].names and "priors" in result["timings"]
+    assert result["settings"]["prior_fill"] and result["settings"]["mirrored_openings"]
+    bare, alone = run(None)
+    assert vars(generator).keys() == vars(bare).keys()  # no per-case state on the generator
+    assert alone["priors"] is None and "priors" not in alone["timings"]
+    assert {k: alone["settings"][k] for k in ("mirror_prior", "shell_prior", "prior", "prior_fraction", "prior_fill",
+                                               "mirrored_openings")} == {
+        "mirror_prior": False, "shell_prior": False, "prior": [], "prior_fraction": [], "prior_fill": False,
+        "mirrored_openings": False}
+
+
 def test_quality_study_counts_the_cases_the_guards_would_stop():
     """The study runs with the no-defect guards off and lists the cases they would stop at the config's
     defaults (2 ml, half over an opening); summaries without the fraction (the U-Net's) count by volume."""
