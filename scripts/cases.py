@@ -11,6 +11,7 @@ and the others go on; :class:`CaseReport` writes the batch summary and then rais
 from __future__ import annotations
 
 import hashlib
+import gc
 import json
 import logging
 import os
@@ -179,6 +180,9 @@ class CaseReport:
             logger.info("%s: implant %.2f ml (%.0f %% over the skull's opening) in %.1f s", summary["case_id"],
                         summary["implant_volume_ml"], 100 * summary["implant_open_fraction"],
                         summary["timings_s"]["total"])
+        # the case's volumes go before the next case loads, so a batch's memory stays that of one case
+        engine.state.batch = engine.state.output = None
+        gc.collect()
 
     def write(self, engine: Engine) -> None:
         index = self.output_dir / "summary.json"
