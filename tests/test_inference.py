@@ -487,7 +487,7 @@ def test_a_mirror_conditioned_denoiser_gets_the_mirror_image_over_the_opening():
     """With a ``small_mirror`` denoiser (random weights here) the denoiser's condition ends with num_mirror points of
     the skull's mirror image off the bone, while the completed cloud starts with the member's own skull points,
     which the voxelizer takes."""
-    generator = _generator(steps=2, denoiser="$scripts.networks.pvcnn2.PVCNN2Denoiser('small_mirror')")
+    generator = _generator(steps=2, preset="small_mirror", denoiser="$@network_def")  # the small voxelizer
     parser = _parser()
     preprocessing = parser.get_parsed_content("preprocessing")
     case = preprocessing(case_datalist([SAMPLE])[0])
