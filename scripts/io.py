@@ -43,6 +43,7 @@ __all__ = [
     "validate_mask",
     "ValidateMaskd",
     "load_volume",
+    "read_nrrd",
     "load_mask",
     "save_mask",
     "atomic_write",

@@ -18,6 +18,7 @@ from scripts.io import (
     load_mask,
     mask3d,
     mask_spacing,
+    read_nrrd,
     save_mask,
     volume3d,
 )
@@ -57,6 +58,33 @@ def test_round_trip_keeps_data_and_geometry(tmp_path, suffix):
     # the plain MONAI reader sees the same grid, so configs using LoadImaged agree with load_mask
     plain = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
     np.testing.assert_allclose(plain.affine.numpy(), got, atol=1e-12)
+
+
+@pytest.mark.parametrize("encoding, dtype", [("raw", np.int16), ("gzip", np.int16), ("bzip2", np.uint8), ("gzip", np.float32)])
+def test_nrrd_is_read_once_in_its_own_dtype_as_monai_reads_it(tmp_path, encoding, dtype):
+    """read_nrrd (one bounded decompression) gives the file's dtype and MONAI's LoadImage voxels and affine, for raw,
+    gzip and bzip2 data, big-endian data and a byte skip."""
+    values = (np.random.default_rng(0).random((12, 10, 8)) * 2000 - 1000).astype(dtype)
+    for endian, skip in (("little", 0), ("big", 0), ("little", 5)):
+        if skip and encoding != "raw":
+            continue  # a byte skip of compressed data counts decompressed bytes; raw data shows the mechanism
+        path = tmp_path / f"ct_{endian}_{skip}.nrrd"
+        header = {**_nrrd_header((0.5, 0.6, 2.0)), "encoding": encoding, "endian": endian}
+        nrrd.write(str(path), values, header)
+        if skip:  # the data begins after 5 bytes of padding
+            head, data = path.read_bytes().split(b"\n\n", 1)
+            path.write_bytes(head + b"\nbyte skip: 5\n\n" + b"\0" * 5 + data)
+        loaded = read_nrrd(path)
+        plain = LoadImage(image_only=True, ensure_channel_first=True, dtype=None)(str(path))
+        assert loaded.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype and loaded.shape == (1, 12, 10, 8)
+        np.testing.assert_array_equal(loaded[0].numpy(), values)
+        np.testing.assert_array_equal(loaded[0].numpy(), plain[0].numpy().astype(dtype))
+        np.testing.assert_allclose(loaded.affine.numpy(), plain.affine.numpy(), atol=1e-12)
+    truncated = tmp_path / "short.nrrd"
+    nrrd.write(str(truncated), values, {**_nrrd_header((1.0, 1.0, 1.0)), "encoding": "raw"})
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(MaskError, match=rf"^{truncated}: cannot read image data \(only"):
+        read_nrrd(truncated)
 
 
 def test_reference_affine_and_float_maps(tmp_path):
