@@ -391,7 +391,8 @@ class ImplantToInputGridd(MapTransform):
     """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the canonical
     cube ``cube_key``, :class:`~scripts.frame.CanonicalFramed`) -> the input's exact grid (``reference_key``,
     the input skull mask), without the skull's voxels: ``implant`` (the single member, or the ensemble's
-    majority vote), and for an ensemble ``implant_members`` and ``implant_variance`` (float32)."""
+    majority vote), and for an ensemble ``implant_members``, ``implant_variance`` (float32) and
+    ``expected_wrong_ml`` (:func:`expected_wrong_ml` on the model grid)."""
 
     def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", reference_key: str = "skull") -> None:
         super().__init__(keys)
@@ -406,7 +407,16 @@ class ImplantToInputGridd(MapTransform):
             d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img, True)
             d["implant_members"] = None if single else [_to_input_grid(m, cube, img, True) for m in pred["implants"]]
             d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, img, False)
+            d["expected_wrong_ml"] = None if single else expected_wrong_ml(pred["probability"], cube.affine)
         return d
+
+
+def expected_wrong_ml(probability: np.ndarray, affine) -> float:
+    """The volume (ml) the ensemble's majority vote gets wrong if each voxel is bone with the members' probability
+    ``probability`` (X, Y, Z): the sum of min(p, 1 - p) voxel volumes of the grid of the 4x4 ``affine``."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    p = np.asarray(probability, dtype=np.float64)
+    return float(np.minimum(p, 1.0 - p).sum() * voxel_ml)
 
 
 class RequireImplantd(MapTransform):

@@ -313,6 +313,9 @@ class SaveCased(Transform):
                 "implant_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
                 "implant_open_fraction": round(d["implant_open_fraction"], 3),
                 "member_voxels": [int(m.sum()) for m in pred["implants"]],
+                # an ensemble's own estimate of how much of its majority vote is wrong (tools/calibration.py)
+                **({"expected_wrong_ml": round(d["expected_wrong_ml"], 3)} if d.get("expected_wrong_ml") is not None
+                   else {}),
                 **frame,
                 **pred["settings"],
                 "weights": {name: sha for name, (sha, _, _) in hashes.items()},

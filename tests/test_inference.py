@@ -117,6 +117,9 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert set(summary["weights"]) == {"model.pt", "model_voxelizer.pt"}
     assert summary["weights_verified"] == {"model.pt": True, "model_voxelizer.pt": True}  # large_files.yml
     assert summary["implant_volume_ml"] > 5
+    # the ensemble's estimate of its wrong volume: the members differ somewhere, less than the implant itself
+    assert 0 < summary["expected_wrong_ml"] < summary["implant_volume_ml"]
+    assert 0 < summary["peak_rss_gib"] < 24
     index = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [s["case_id"] for s in index["cases"]] == ["case"] and index["failed"] == []
 
