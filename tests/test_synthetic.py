@@ -37,7 +37,7 @@ def root(tmp_path_factory):
 
 def _read(path: Path) -> np.ndarray:
     data, header = nrrd.read(str(path))
-    assert header["type"] == "unsigned char", path
+    assert header["type"] in ("unsigned char", "uchar", "uint8", "uint8_t"), path  # NRRD's names of one type
     assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1}, path
     return data.astype(bool)
 

@@ -35,7 +35,7 @@ from scripts.networks.pvcnn_ops import (
     trilinear_devoxelize,
 )
 
-__all__ = ["PRESETS", "VOXELIZER_PRESETS", "PVCNN2Denoiser", "build_denoiser", "weighted_group_norm", "unique_slots"]
+__all__ = ["PRESETS", "PVCNN2Denoiser", "build_denoiser", "weighted_group_norm", "unique_slots"]
 
 # Architecture of PVD's PVCNN2 (before width / resolution multipliers).
 # SA level: PVConv blocks (out channels, count, voxel resolution) or None, then the MLP of the
@@ -80,10 +80,6 @@ PRESETS: dict[str, dict] = {
                  centers=_scaled_centers(512), radii=(0.8, 1.6, 3.2, 6.4), neighbors=(16, 16, 16, 16),
                  embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False, num_mirror=0),
 }
-
-
-# the voxelizer preset that takes a denoiser preset's completed clouds, where it is not the preset of the same name
-VOXELIZER_PRESETS = {"small_mirror": "small"}
 
 
 def weighted_group_norm(x: torch.Tensor, weight: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
