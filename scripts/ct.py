@@ -30,7 +30,7 @@ from monai.transforms import MapTransform
 from scripts.implant import largest_component
 from scripts.io import MAX_INPUT_VOXELS, MaskError, load_volume, mask_spacing, validate_mask
 
-__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "check_max_voxels", "looks_like_ct",
+__all__ = ["DEFAULT_BONE_HU", "AIR_HU", "INPUT_TYPES", "check_input_type", "check_bone_threshold", "check_max_voxels",
            "skull_from_ct", "load_skull", "LoadSkulld", "value_range"]
 
 DEFAULT_BONE_HU = 150.0
@@ -62,11 +62,6 @@ def value_range(img: MetaTensor) -> tuple[float, float]:
     return float(values.min()), float(values.max())
 
 
-def looks_like_ct(img: MetaTensor) -> bool:
-    """True if the volume (1, X, Y, Z) holds air-like values (<= AIR_HU), which no binary mask has."""
-    return value_range(img)[0] <= AIR_HU
-
-
 def skull_from_ct(ct: MetaTensor, bone_threshold_hu: float = DEFAULT_BONE_HU, name: str = "<CT array>") -> MetaTensor:
     """CT (1, X, Y, Z) in HU -> skull mask (1, X, Y, Z) uint8 {0, 1} with the CT's affine: the largest
     26-connected component of the voxels >= ``bone_threshold_hu``. Raises MaskError when no voxel is bone."""
@@ -96,9 +91,9 @@ def load_skull(path: str | os.PathLike, input_type: str = "auto", bone_threshold
                max_input_voxels: int = MAX_INPUT_VOXELS) -> tuple[MetaTensor, str]:
     """A skull mask or a CT file -> (skull mask (1, X, Y, Z) uint8 {0, 1}, "mask" or "ct").
 
-    ``input_type``: "mask" (binary, validated), "ct" (HU, see :func:`skull_from_ct`) or "auto" (CT if
-    :func:`looks_like_ct`, else mask); the decision is logged. A file over ``max_input_voxels`` is refused
-    from its header (:func:`scripts.io.check_input_size`).
+    ``input_type``: "mask" (binary, validated), "ct" (HU, see :func:`skull_from_ct`) or "auto" (CT if its
+    lowest value is air, at or below AIR_HU, which no binary mask has; else mask); the decision is logged. A file
+    over ``max_input_voxels`` is refused from its header (:func:`scripts.io.check_input_size`).
     """
     kind = check_input_type(input_type)
     img = load_volume(path, max_input_voxels)

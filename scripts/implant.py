@@ -34,7 +34,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from scripts.data.resample import to_original_box
+from scripts.data.resample import to_original_grid
 from scripts.io import mask3d, mask_spacing, volume3d
 
 __all__ = [
@@ -376,15 +376,11 @@ def require_opening(implant, defective, spacing, min_open_fraction: float = 0.5,
 
 def _to_input_grid(volume: np.ndarray, cube: MetaTensor, img: MetaTensor, binary: bool) -> np.ndarray:
     """A model-grid volume (s, s, s) on the canonical ``cube``'s grid -> the input's exact grid (X, Y, Z) in
-    one resampling, computed only in the box it reaches (:func:`~scripts.data.resample.to_original_box`); for
-    a binary volume the skull's voxels (``img`` > 0) are left out: bool if binary else float32."""
-    data = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None]
-    out = np.zeros(img.shape[1:], dtype=bool if binary else np.float32)
-    box, values = to_original_box(MetaTensor(data, affine=cube.affine), img, binary=binary)
-    if box is not None:
-        values = np.asarray(values[0])
-        out[box] = (values > 0) & ~(np.asarray(img[0][box]) > 0) if binary else values
-    return out
+    one resampling (:func:`~scripts.data.resample.to_original_grid`); for a binary volume the skull's voxels
+    (``img`` > 0) are left out: bool if binary else float32."""
+    data = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None], affine=cube.affine)
+    out = np.asarray(to_original_grid(data, img, binary, exclude=img if binary else None)[0])
+    return out > 0 if binary else out
 
 
 class ImplantToInputGridd(MapTransform):
@@ -407,14 +403,14 @@ class ImplantToInputGridd(MapTransform):
             d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img, True)
             d["implant_members"] = None if single else [_to_input_grid(m, cube, img, True) for m in pred["implants"]]
             d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, img, False)
-            d["expected_wrong_ml"] = None if single else expected_wrong_ml(pred["probability"], cube.affine)
+            d["expected_wrong_ml"] = None if single else expected_wrong_ml(
+                pred["probability"], float(np.prod(mask_spacing(cube))) / 1000.0)
         return d
 
 
-def expected_wrong_ml(probability: np.ndarray, affine) -> float:
+def expected_wrong_ml(probability: np.ndarray, voxel_ml: float) -> float:
     """The volume (ml) the ensemble's majority vote gets wrong if each voxel is bone with the members' probability
-    ``probability`` (X, Y, Z): the sum of min(p, 1 - p) voxel volumes of the grid of the 4x4 ``affine``."""
-    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    ``probability`` (any shape): the sum of min(p, 1 - p) voxels of ``voxel_ml`` each."""
     p = np.asarray(probability, dtype=np.float64)
     return float(np.minimum(p, 1.0 - p).sum() * voxel_ml)
 

@@ -72,6 +72,8 @@ def test_the_way_back_is_computed_in_the_implants_box_only():
     box = reach(cube, img)
     assert np.prod([b.stop - b.start for b in box]) < 0.6 * np.prod(img.shape)
     assert not back[(slice(None), *box)].logical_not().all() and int(back.sum()) == int(back[(slice(None), *box)].sum())
+    kept = to_original_grid(cube, img, exclude=img)  # what overlaps the reference's own mask is left out
+    assert int(kept.sum()) == int((back.bool() & (img == 0)).sum())
     empty = torch.zeros_like(cube)
     assert reach(empty, img) is None and int(to_original_grid(empty, img).sum()) == 0
 

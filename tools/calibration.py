@@ -30,8 +30,10 @@ from matplotlib.figure import Figure
 from monai.metrics import CalibrationErrorMetric, calibration_binning, compute_roc_auc
 from scipy.stats import spearmanr
 
-from scripts.io import atomic_write, load_mask, mask_spacing
 from scripts.data.datalist import case_id
+from scripts.implant import expected_wrong_ml
+from scripts.io import atomic_write, load_mask, mask_spacing
+from scripts.metrics import dice
 from tools.quality_study import GUARDS_OFF, _run, held_out_cases
 
 NUM_BINS = 10
@@ -52,8 +54,8 @@ def score_case(members: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict:
     ece = float(CalibrationErrorMetric(num_bins=NUM_BINS)(y_pred, y_true).item())
     mean_p, mean_y, counts = (t[0, 0].numpy() for t in calibration_binning(y_pred, y_true, num_bins=NUM_BINS))
     return {"auroc": auroc, "flagged_share": float((variance[wrong] > 0).mean()) if wrong.any() else float("nan"),
-            "ece": ece, "expected_wrong_ml": float(np.minimum(p, 1.0 - p).sum() * voxel_ml),
-            "wrong_ml": float(wrong.sum() * voxel_ml), "dice_vote": float(2 * (vote & y).sum() / (vote.sum() + y.sum())),
+            "ece": ece, "expected_wrong_ml": expected_wrong_ml(p, voxel_ml), "wrong_ml": float(wrong.sum() * voxel_ml),
+            "dice_vote": dice(members.mean(axis=0) > 0.5, truth),
             "bins": {"mean_p": mean_p.tolist(), "frequency": mean_y.tolist(), "count": counts.tolist()}}
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.cases import case_datalist, predict_case
-from scripts.data.datalist import skullbreak_datalist, skullfix_datalist
+from scripts.data.datalist import datalist
 from scripts.data.points import mask_to_surface_points
 from scripts.evaluate import evaluate_predictions
 from scripts.generator import ImplantGenerator
@@ -139,8 +139,7 @@ def held_out_cases(dataset_dir: str | os.PathLike, num_cases: int, dataset: str 
     """The first ``num_cases`` entries of ``split`` ("validation", "test" or "all": a generator seed that nothing
     trained on) of ``split_file`` (None: the split made from the ids on disk), skull by skull, all defect classes
     of each."""
-    builder = skullbreak_datalist if dataset == "skullbreak" else skullfix_datalist
-    cases = builder(dataset_dir, split=split, split_file=split_file)[:num_cases]
+    cases = datalist(dataset, dataset_dir, split, split_file)[:num_cases]
     if len(cases) < num_cases:
         raise ValueError(f"{dataset_dir}: the {split} split has only {len(cases)} cases, {num_cases} requested")
     return cases

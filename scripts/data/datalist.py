@@ -40,6 +40,7 @@ __all__ = [
     "SPLIT_FILES",
     "make_split",
     "build_datalist",
+    "datalist",
     "case_id",
     "load_split",
     "skullbreak_datalist",
@@ -285,11 +286,16 @@ def build_datalist(
 
     ``kwargs`` go to :func:`skullbreak_datalist` / :func:`skullfix_datalist` (check, strict, defects).
     """
+    return {split: datalist(dataset, root, split, split_file, **kwargs) for split in ("train", "validation", "test")}
+
+
+def datalist(dataset: str, root: str | os.PathLike, split: str = "train", split_file: str | os.PathLike | None = None,
+             **kwargs) -> list[dict]:
+    """One split of ``dataset`` ("skullbreak" or "skullfix"): :func:`skullbreak_datalist` or :func:`skullfix_datalist`."""
     builders = {"skullbreak": skullbreak_datalist, "skullfix": skullfix_datalist}
     if dataset not in builders:
         raise ValueError(f"dataset must be one of {tuple(builders)}, got {dataset!r}")
-    return {split: builders[dataset](root, split=split, split_file=split_file, **kwargs)
-            for split in ("train", "validation", "test")}
+    return builders[dataset](root, split=split, split_file=split_file, **kwargs)
 
 
 def _cli(dataset: str, root: str, out: str, split_file: str | None, **kwargs) -> str:

@@ -23,7 +23,7 @@ def reach(mask: MetaTensor, reference: MetaTensor) -> tuple[slice, slice, slice]
     """The box of ``reference``'s voxels (1, X, Y, Z) whose values :func:`to_original_grid` can take from the
     nonzero voxels of ``mask`` (1, X', Y', Z'): their box, one voxel wider for the linear interpolation, mapped
     through both affines; None if the mask is empty. Elsewhere the resampled values are 0."""
-    found = torch.nonzero(mask[0].as_tensor() if isinstance(mask, MetaTensor) else mask[0])
+    found = torch.nonzero(mask[0].as_tensor())
     if not len(found):
         return None
     lo, hi = found.min(0).values.double() - 1.0, found.max(0).values.double() + 1.0
@@ -53,7 +53,8 @@ def to_original_box(mask: MetaTensor, reference: MetaTensor, binary: bool = True
     return box, (_binarize(out) if binary else out).as_tensor()
 
 
-def to_original_grid(mask: MetaTensor, reference: MetaTensor, binary: bool = True) -> MetaTensor:
+def to_original_grid(mask: MetaTensor, reference: MetaTensor, binary: bool = True,
+                     exclude: MetaTensor | None = None) -> MetaTensor:
     """Resample ``mask`` (1, X', Y', Z') onto the grid of ``reference`` (1, X, Y, Z).
 
     Works from any grid, in any pose (the canonical cube of :mod:`scripts.frame`). Values beyond the
@@ -65,10 +66,14 @@ def to_original_grid(mask: MetaTensor, reference: MetaTensor, binary: bool = Tru
         mask: binary mask or float map (e.g. a variance map) with its affine.
         reference: the original image defining the output grid.
         binary: threshold the linearly resampled values at 0.5 -> uint8; else float32.
+        exclude: optional mask on the reference's grid (1, X, Y, Z) whose nonzero voxels stay 0 (the skull an
+            implant must not overlap), read only inside the box.
     """
     out = torch.zeros(reference.shape, dtype=torch.uint8 if binary else torch.float32)
     box, values = to_original_box(mask, reference, binary)
     if box is not None:
+        if exclude is not None:
+            values = values * (exclude[(slice(None), *box)].as_tensor() == 0)
         out[(slice(None), *box)] = values
     return MetaTensor(out, affine=reference.affine.clone())
 

@@ -68,18 +68,15 @@ PRESETS: dict[str, dict] = {
     "small": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
                   centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
                   embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True, num_mirror=0),
-    # ``small`` conditioned on the skull's mirror image: the last 384 of its 2,688 condition points are mirrored
-    # surface points over the opening (scripts/data/points.py, MirrorPointsd), flagged by a fourth input channel;
-    # same cost per step as ``small``.
-    "small_mirror": dict(num_points=3072, num_condition=2688, width_multiplier=0.25, voxel_resolution_multiplier=0.5,
-                         centers=_scaled_centers(3072), radii=(0.3, 0.6, 1.2, 2.4), neighbors=(32, 32, 32, 32),
-                         embed_dim=32, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=True,
-                         num_mirror=384),
     # Unit tests only.
     "tiny": dict(num_points=512, num_condition=448, width_multiplier=0.25, voxel_resolution_multiplier=0.25,
                  centers=_scaled_centers(512), radii=(0.8, 1.6, 3.2, 6.4), neighbors=(16, 16, 16, 16),
                  embed_dim=16, dropout=0.1, head_dropout=0.5, use_attention=True, coordinate_skip=False, num_mirror=0),
 }
+# ``small`` conditioned on the skull's mirror image: the last 384 of its 2,688 condition points are mirrored
+# surface points over the opening (scripts/data/points.py, MirrorPointsd), flagged by a fourth input channel;
+# same cost per step as ``small``
+PRESETS["small_mirror"] = {**PRESETS["small"], "num_mirror": 384}
 
 
 def weighted_group_norm(x: torch.Tensor, weight: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
