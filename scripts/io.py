@@ -157,14 +157,12 @@ def _inflate(f, inflate, limit: int) -> bytearray:
 
 
 def _nrrd_bytes(path: Path, header: dict) -> bytearray:
-    """The voxel bytes of an NRRD with attached data, decompressed once and at most to the size its header gives
-    (pynrrd would inflate a decompression bomb whole into memory first). Raises MaskError naming the file."""
+    """The voxel bytes of an NRRD with attached raw (byte skip >= 0), gzip or bzip2 data, decompressed once and at
+    most to the size its header gives (pynrrd would inflate a decompression bomb whole into memory first). Raises
+    MaskError naming the file."""
     size = math.prod(int(n) for n in header["sizes"]) * np.dtype(nrrd.reader._determine_datatype(header)).itemsize
     encoding = str(header.get("encoding", "raw")).lower()
     line_skip, byte_skip = int(header.get("line skip", 0)), int(header.get("byte skip", 0))
-    if encoding != "raw" and encoding not in _NRRD_DECOMPRESSORS or byte_skip < 0:
-        raise MaskError(f"{path}: NRRD encoding {encoding!r} with byte skip {byte_skip} is not supported (raw, gzip "
-                        "or bzip2, byte skip >= 0)")
     with open(path, "rb") as f:
         while f.readline().strip():  # the header ends at the first empty line
             pass
@@ -192,8 +190,12 @@ def read_nrrd(path: str | os.PathLike) -> MetaTensor:
     the voxels of :func:`_nrrd_bytes`: one bounded decompression, no float or reordered copy)."""
     path = Path(path)
     header = nrrd.read_header(str(path))
-    raw = _nrrd_bytes(path, header)
-    array = nrrd.read_data({**header, "encoding": "raw", "byte skip": 0, "line skip": 0}, io.BytesIO(raw))
+    encoding = str(header.get("encoding", "raw")).lower()
+    if encoding in _NRRD_DECOMPRESSORS or encoding == "raw" and int(header.get("byte skip", 0)) >= 0:
+        raw = _nrrd_bytes(path, header)
+        array = nrrd.read_data({**header, "encoding": "raw", "byte skip": 0, "line skip": 0}, io.BytesIO(raw))
+    else:  # text encodings and raw data at the file's end (byte skip -1): pynrrd, bounded by the file's size
+        array = nrrd.read(str(path))[0]
     array, meta = NrrdReader(dtype=array.dtype).get_data(NrrdImage(array, header))  # dtype None would mean float64
     meta["filename_or_obj"], meta["original_channel_dim"] = str(path), float("nan")
     # the voxels stay in the file's (Fortran) order: a C-contiguous copy of a 512 x 512 x 450 scan costs seconds

@@ -80,6 +80,9 @@ def test_nrrd_is_read_once_in_its_own_dtype_as_monai_reads_it(tmp_path, encoding
         np.testing.assert_array_equal(loaded[0].numpy(), values)
         np.testing.assert_array_equal(loaded[0].numpy(), plain[0].numpy().astype(dtype))
         np.testing.assert_allclose(loaded.affine.numpy(), plain.affine.numpy(), atol=1e-12)
+    text = tmp_path / "text.nrrd"  # text encodings hold no more values than the file: pynrrd reads them
+    nrrd.write(str(text), values, {**_nrrd_header((0.5, 0.6, 2.0)), "encoding": "ascii"})
+    np.testing.assert_array_equal(read_nrrd(text)[0].numpy(), values)
     truncated = tmp_path / "short.nrrd"
     nrrd.write(str(truncated), values, {**_nrrd_header((1.0, 1.0, 1.0)), "encoding": "raw"})
     truncated.write_bytes(truncated.read_bytes()[:-10])
