@@ -7,8 +7,9 @@ mask is resampled into a *canonical cube* where the head sits as the training sk
 
 1. **mid-sagittal plane**: the plane across which the skull best matches its own mirror image. A coarse
    search over planes with normals within ``SEARCH_DEG`` of the header's left-right axis (symmetry scored
-   by the mean distance, capped at ``SCORE_CAP_MM``, of the mirrored surface points to the skull), refined by
-   rigid ICP of the mirror image onto the skull (Open3D); the plane is read off the fitted reflection.
+   by the mean distance, capped at ``SCORE_CAP_MM``, of the mirrored surface points to the skull); its
+   ``PLANE_CANDIDATES`` best distinct planes are each refined by rigid ICP of the mirror image onto the skull
+   (Open3D), and the fit whose mirror image matches the skull best by the median distance wins.
 2. **anterior and superior axes**: the principal axis of the skull within that plane (its long,
    front-back axis), refined by rigid ICP onto a canonical skull that ships with the bundle;
    signs follow the header (anterior stays anterior).
@@ -55,6 +56,11 @@ SEARCH_DEG = 40.0  # plane normals searched around the header's left-right axis 
 SEARCH_OFFSETS_MM = np.arange(-15.0, 15.1, 3.0)  # plane offsets searched around the centroid
 SCORE_CAP_MM = 5.0
 PROBE_POINTS = 250  # surface points that score each candidate plane
+# distinct coarse-search minima refined into full plane fits; the one whose mirror image matches the skull best
+# (median distance) wins. The coarse score is a capped mean that a large one-sided hole can pull to a plane
+# rolled by ~40 degrees (a small head with a parietotemporal defect: 1 of 152 training skulls, tools/pose_study.py planes)
+PLANE_CANDIDATES = 3
+CANDIDATE_SEPARATION_DEG = 10.0
 ICP_POINTS = 4000  # surface points in each ICP (the plane's, the canonical skull's)
 ICP_DISTANCE_MM = 6.0  # correspondences of the final mirror-to-skull ICP
 # median mirror-to-skull distance above which the skull is not symmetric enough for a frame (mm); a guard,
@@ -178,23 +184,25 @@ def _best_plane(surface: SkullSurface, probe: np.ndarray, normals: np.ndarray, c
     return normals[c], float(offsets[c, o])
 
 
-def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The mid-sagittal plane of a skull: ``(normal (3,), offset, median residual mm)``, normal within
-    ``SEARCH_DEG`` of ``lateral`` and on its side.
+def _distinct_minima(normals: np.ndarray, scores: np.ndarray, count: int, separation_deg: float) -> np.ndarray:
+    """Indices of the ``count`` best-scoring ``normals (C, 3)`` (``scores (C,)``, lower is better), each at least
+    ``separation_deg`` from every better one kept."""
+    kept: list[int] = []
+    cos_sep = np.cos(np.radians(separation_deg))
+    for i in np.argsort(scores):
+        if all(abs(normals[i] @ normals[k]) < cos_sep for k in kept):
+            kept.append(int(i))
+            if len(kept) == count:
+                break
+    return np.array(kept)
 
-    A grid search scores each plane by how close the mirrored surface points come to the skull (capped at
-    ``SCORE_CAP_MM``, so the hole's unmatched points do not decide: a vault is nearly a dome, and the
-    plane's roll changes little else; offsets are searched because a defect moves the centroid off the
-    plane), then a finer grid around the best, then rigid ICP of the mirror image onto the skull (Open3D)
-    from there; the plane is read off the fitted reflection.
-    """
+
+def _fit_plane(surface: SkullSurface, probe: np.ndarray, normal: np.ndarray, offset: float,
+               lateral: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """A coarse plane refined: a finer grid around it, then rigid ICP of the mirror image onto the skull (Open3D)
+    from there; the plane is read off the fitted reflection. Returns ``(normal, offset, median residual mm)``."""
     points = surface.points
-    probe = points[:: max(1, len(points) // PROBE_POINTS)]
-    normals = sphere_directions(3000)  # about 4 degrees apart
-    normals = normals[normals @ lateral >= np.cos(np.radians(SEARCH_DEG))]
-    normal, offset = _best_plane(surface, probe, normals, points.mean(axis=0), SEARCH_OFFSETS_MM)
-    normal, offset = _best_plane(surface, probe, _around(normal, 4.0, 1.0), normal * offset,
-                                 np.arange(-3.0, 3.1, 1.0))
+    normal, offset = _best_plane(surface, probe, _around(normal, 4.0, 1.0), normal * offset, np.arange(-3.0, 3.1, 1.0))
     source, target = o3d.geometry.PointCloud(), o3d.geometry.PointCloud()
     target.points = o3d.utility.Vector3dVector(points)
     reflection = _reflection(normal, offset)
@@ -209,6 +217,27 @@ def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarr
     offset = float(np.mean((points + _apply(mirror, points)) @ normal) / 2.0)  # midpoints lie on the plane
     residual = float(np.median(surface.distance(_apply(_reflection(normal, offset), points))))
     return normal, offset, residual
+
+
+def symmetry_plane(surface: SkullSurface, lateral: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The mid-sagittal plane of a skull: ``(normal (3,), offset, median residual mm)``, normal within
+    ``SEARCH_DEG`` of ``lateral`` and on its side.
+
+    A coarse grid search scores each plane by how close the mirrored surface points come to the skull (capped at
+    ``SCORE_CAP_MM``, so the hole's unmatched points do not decide: a vault is nearly a dome, and the plane's
+    roll changes little else; offsets are searched because a defect moves the centroid off the plane). The
+    ``PLANE_CANDIDATES`` best distinct normals are each refined (:func:`_fit_plane`) and the plane whose mirror
+    image lies closest to the skull by the median, which the hole cannot move, wins.
+    """
+    points = surface.points
+    probe = points[:: max(1, len(points) // PROBE_POINTS)]
+    normals = sphere_directions(3000)  # about 4 degrees apart
+    normals = normals[normals @ lateral >= np.cos(np.radians(SEARCH_DEG))]
+    offsets = (normals @ points.mean(axis=0))[:, None] + SEARCH_OFFSETS_MM[None, :]
+    scores = _plane_scores(surface, probe, normals, offsets)
+    fits = [_fit_plane(surface, probe, normals[c], float(offsets[c, int(np.argmin(scores[c]))]), lateral)
+            for c in _distinct_minima(normals, scores.min(axis=1), PLANE_CANDIDATES, CANDIDATE_SEPARATION_DEG)]
+    return min(fits, key=lambda fit: fit[2])
 
 
 def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadFrame:

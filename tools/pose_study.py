@@ -10,6 +10,7 @@ counted, and scored as an empty implant) with the default priors and with the di
 
     python -m tools.pose_study run --output_dir runs/pose --num_skulls 2 --seed 2027
     python -m tools.pose_study calibrate --num_skulls 10      # the frame constants, on training skulls
+    python -m tools.pose_study planes --split train           # mid-sagittal plane errors, on training skulls
 
 ``run`` prints a markdown table (mean per variant and setting, and the differences to upright case by case)
 and writes ``<output_dir>/pose.json``; finished cases are read back, so an interrupted study resumes.
@@ -183,6 +184,45 @@ def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
           f"{np.median(times):.2f} s median")
 
 
+def planes(split: str = "train", split_file: str = "configs/splits/synthetic_wide.json", seed: int = 0,
+           max_deg: float = 25.0, head_scale: tuple[float, float] = (0.8, 1.05), head_stretch: float = 0.1,
+           output: str = "runs/planes.json"):
+    """The estimated head frame against the generator's skull frame for every
+    skull of ``split`` x defect class, upright and turned by a random rotation of up to ``max_deg`` per axis
+    (the header's affine is turned, which turns the head in world space without resampling): the angle between
+    the mid-sagittal planes' normals and the angle of the whole rotation between the frames (degrees; what a
+    training augmentation has to cover). Prints their percentiles and every plane off by more than 5 degrees;
+    writes the rows to ``output``."""
+    ids = json.loads((ROOT / split_file).read_text())[split]
+    rows = []
+    for skull_id in ids:
+        case = skullbreak_case(int(skull_id), size=128, seed=seed, head_scale=tuple(head_scale), head_stretch=head_stretch)
+        for defect in SKULLBREAK_DEFECTS:
+            defective, _ = case.defect(defect)
+            rng = np.random.default_rng([seed, int(skull_id), SKULLBREAK_DEFECTS.index(defect)])
+            for kind in ("upright", "rotated"):
+                turn = np.eye(4)
+                if kind == "rotated":
+                    turn[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-max_deg, max_deg, 3), degrees=True).as_matrix()
+                frame = estimate_frame(defective, turn @ case.affine)
+                truth = turn[:3, :3] @ case.skull.rotation
+                angle = float(np.degrees(np.arccos(min(1.0, abs(frame.rotation[:, 0] @ truth[:, 0])))))
+                rotation = Rotation.from_matrix(truth.T @ frame.rotation).magnitude()
+                rows.append({"skull": skull_id, "defect": defect, "variant": kind, "angle_deg": round(angle, 2),
+                             "rotation_error_deg": round(float(np.degrees(rotation)), 2),
+                             "residual_mm": round(frame.residual_mm, 3), "frame": frame.source})
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(rows, indent=1))
+    for kind in ("upright", "rotated"):
+        for key, what in (("angle_deg", "plane normal"), ("rotation_error_deg", "whole rotation")):
+            angles = np.array([r[key] for r in rows if r["variant"] == kind])
+            print(f"{kind}, {what}: {len(angles)} cases, error median {np.median(angles):.2f} deg, 95th percentile "
+                  f"{np.percentile(angles, 95):.2f}, 99th {np.percentile(angles, 99):.2f}, max {angles.max():.2f}, "
+                  f"over 5 deg: {(angles > 5).sum()}")
+    for r in rows:
+        if r["angle_deg"] > 5:
+            print(r)
+
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "calibrate": calibrate})
+    fire.Fire({"run": run, "calibrate": calibrate, "planes": planes})
