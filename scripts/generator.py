@@ -191,12 +191,17 @@ class ImplantGenerator(Inferer):
         return {**result, "points": clouds, "priors": priors, "timings": timings, "settings": self.settings(priors)}
 
     @staticmethod
-    def _with_members(result: dict, completes: np.ndarray, implants: np.ndarray) -> dict:
-        """``result`` with new member masks (K, X, Y, Z) and, for K > 1, the mean implant, probability and
-        variance made from them (:func:`~scripts.implant.ensemble_mean_and_variance`)."""
+    def _with_members(result: dict, completes: np.ndarray, implants: np.ndarray,
+                      probabilities: np.ndarray | None = None) -> dict:
+        """``result`` with new member masks (K, X, Y, Z) and, for K > 1, the mean implant (their majority vote),
+        probability and variance made from them (:func:`~scripts.implant.ensemble_mean_and_variance`), or from
+        the members' own ``probabilities`` of bone (K, X, Y, Z) where given: their mean p and p (1 - p)."""
         if len(implants) == 1:
             return {**result, "completes": completes, "implants": implants, "implant_mean": implants[0]}
         mean, probability, variance = ensemble_mean_and_variance(implants)
+        if probabilities is not None:
+            probability = probabilities.mean(axis=0)
+            variance = probability * (1.0 - probability)
         return {**result, "completes": completes, "implants": implants, "implant_mean": mean,
                 "probability": probability, "variance": variance}
 

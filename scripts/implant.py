@@ -387,8 +387,8 @@ class ImplantToInputGridd(MapTransform):
     """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the canonical
     cube ``cube_key``, :class:`~scripts.frame.CanonicalFramed`) -> the input's exact grid (``reference_key``,
     the input skull mask), without the skull's voxels: ``implant`` (the single member, or the ensemble's
-    majority vote), and for an ensemble ``implant_members``, ``implant_variance`` (float32) and
-    ``expected_wrong_ml`` (:func:`expected_wrong_ml` on the model grid)."""
+    majority vote), and for an ensemble ``implant_members``, ``implant_probability`` (float32, resampled) and
+    ``implant_variance`` (its p (1 - p)) and ``expected_wrong_ml`` (:func:`expected_wrong_ml` on the model grid)."""
 
     def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", reference_key: str = "skull") -> None:
         super().__init__(keys)
@@ -402,7 +402,8 @@ class ImplantToInputGridd(MapTransform):
             single = len(pred["implants"]) == 1
             d["implant"] = _to_input_grid(pred["implants"][0] if single else pred["implant_mean"], cube, img, True)
             d["implant_members"] = None if single else [_to_input_grid(m, cube, img, True) for m in pred["implants"]]
-            d["implant_variance"] = None if single else _to_input_grid(pred["variance"], cube, img, False)
+            d["implant_probability"] = None if single else _to_input_grid(pred["probability"], cube, img, False)
+            d["implant_variance"] = None if single else d["implant_probability"] * (1.0 - d["implant_probability"])
             d["expected_wrong_ml"] = None if single else expected_wrong_ml(
                 pred["probability"], float(np.prod(mask_spacing(cube))) / 1000.0)
         return d

@@ -32,8 +32,12 @@ from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_s
 from scripts.paths import inside
 from scripts.weights import weights_hash
 
-__all__ = ["COORDINATE_SYSTEMS", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
+__all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
            "SaveCased"]
+
+# p (1 - p) at or above which a voxel counts as unsure: 0.05 < p < 0.95, any disagreement of up to 19 binary members
+# (the preview shows these voxels; tools/calibration.py counts the wrong voxels among them)
+UNSURE_VARIANCE = 0.05
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -181,7 +185,8 @@ def save_preview(
     "sagittal" along i (anatomical names assume the usual axial-slice storage). Each view is drawn in
     millimetres (``spacing``), so anisotropic voxels keep their physical aspect. The implant is opaque
     where it is in front of the skull and translucent where the skull hides it. With ``variance`` the
-    overlay covers implant | (variance > 0) and is coloured by the largest variance along each ray.
+    overlay covers implant | (variance >= ``UNSURE_VARIANCE``) and is coloured by the largest variance along each
+    ray: dark where the ensemble is sure, yellow where its members disagree.
 
     Args:
         path: output .png file. skull, implant: binary (X, Y, Z) volumes on the same grid.
@@ -203,7 +208,7 @@ def save_preview(
         var = var[0] if var.ndim == 4 and var.shape[0] == 1 else var
         if var.shape != s.shape:
             raise ValueError(f"variance {var.shape} and skull {s.shape} differ in shape.")
-        overlay = imp | (var > 0)
+        overlay = imp | (var >= UNSURE_VARIANCE)
     cmap, norm = colormaps["plasma"], Normalize(0.0, 0.25)
     implant_rgb = np.array([0.95, 0.45, 0.1])
 
@@ -237,7 +242,8 @@ def save_preview(
             ncols=2,
         )
     else:
-        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8, label="ensemble variance p(1-p)")
+        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8,
+                     label="members disagree: dark = sure, yellow = check this region (p(1-p))")
     if title:
         fig.suptitle(title)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite)
@@ -257,7 +263,8 @@ class SaveCased(Transform):
     """Write one case's results into ``<output_dir>/<case>/`` and put its summary under ``"summary"``.
 
     Files, in the input's format and grid: ``implant``; for an ensemble also ``implant_member_<k>``,
-    ``implant_mean`` and ``implant_variance`` (float32); for a CT the derived ``skull_mask``; then
+    ``implant_mean``, ``implant_probability`` (each voxel's probability of bone) and ``implant_variance``
+    (p (1 - p)), float32; for a CT the derived ``skull_mask``; then
     ``implant.stl`` (mm, LPS), ``preview.png`` and ``summary.json``. The folder is built in a temporary
     sibling and renamed into place, so a crash never leaves partial results; an existing result folder
     raises FileExistsError unless ``overwrite``. ``weights``: files whose SHA-256 the summary records, with
@@ -265,7 +272,7 @@ class SaveCased(Transform):
 
     Reads the keys the inference config's pipeline sets: ``case``, ``input``, ``skull`` (input-grid mask),
     ``input_type``, ``bone_threshold_hu``, ``pred`` (generator result), ``implant``, ``implant_members``,
-    ``implant_variance``, ``implant_voxels``, ``implant_open_fraction``, ``started``.
+    ``implant_probability``, ``implant_variance``, ``implant_voxels``, ``implant_open_fraction``, ``started``.
     """
 
     def __init__(self, output_dir: str | os.PathLike, weights: Sequence[str | os.PathLike] = (),
@@ -293,6 +300,8 @@ class SaveCased(Transform):
                 for k, member in enumerate(members):
                     save_mask(tmp / f"implant_member_{k}{suffix}", member, reference=img)
                 save_mask(tmp / f"implant_mean{suffix}", implant, reference=img)
+                save_mask(tmp / f"implant_probability{suffix}", d["implant_probability"], reference=img,
+                          dtype=np.float32)
                 save_mask(tmp / f"implant_variance{suffix}", variance, reference=img, dtype=np.float32)
             if self.stl:
                 save_stl(tmp / "implant.stl", implant, img.affine)

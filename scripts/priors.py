@@ -42,6 +42,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
+from scipy.special import ndtr
 
 from scripts.data.points import normalization_params
 from scripts.mirror import mirror_transform, mirrored_skull
@@ -255,25 +256,21 @@ class SkullRays:
         cleared[tuple(index[openings[self._nearest_rays(index)[0]]].T)] = False
         return cleared
 
-    def fill(self, estimate: RayEstimate, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """An ``estimate``'s bone as voxels of a ``shape`` grid: ``bone`` (voxels whose nearest ray is a hole
-        ray and whose radius lies in that ray's [outer - thickness, outer]) and ``cone`` (every voxel whose
-        nearest ray is a hole ray, within 3 voxels of the bone's bounding box: the part of the grid the
-        estimate speaks for), bool ``shape`` each. Hole rays within ``opening_rad`` of where the hole runs into a
-        natural opening (:meth:`_openings`) are left out (the voxelized implant stays there): the sample's
-        points spill into such an opening as densely as they fill the defect, and a filled shell would close it.
-
-        Written here because the estimate is a radial interval per ray, which no voxelizer takes as input.
-        """
+    def _cone(self, estimate: RayEstimate, shape: tuple[int, ...]):
+        """The voxels of a ``shape`` grid whose nearest ray is one of the ``estimate``'s hole rays that :meth:`fill`
+        keeps, within 3 voxels of its bone's bounding box: their ``index (V, 3)``, ``radius (V,)`` and their
+        ray's ``outer`` and ``thickness`` (V,) each; None where no hole ray is kept. Hole rays within
+        ``opening_rad`` of where the hole runs into a natural opening (:meth:`_openings`) are left out: the
+        sample's points spill into such an opening as densely as they fill the defect, and a filled shell would
+        close it."""
         openings = self._openings(estimate.hole)
         keep = np.ones(estimate.hole.sum(), bool)
         if openings.any():
             keep = cKDTree(self.directions[openings]).query(self.directions[estimate.hole])[0] > self.opening_rad
+        if not keep.any():
+            return None
         hole = estimate.hole.copy()
         hole[hole] = keep
-        bone, cone = np.zeros(shape, bool), np.zeros(shape, bool)
-        if not keep.any():
-            return bone, cone
         outer_kept, thickness_kept = estimate.outer[keep], estimate.thickness[keep]
         at = self.directions[hole]
         ends = self.centre + np.concatenate([at * (outer_kept - thickness_kept)[:, None], at * outer_kept[:, None]])
@@ -285,11 +282,35 @@ class SkullRays:
         ray[hole] = np.arange(hole.sum())
         ray = ray[nearest]
         in_cone = ray >= 0
-        outer, thickness = outer_kept[ray[in_cone]], thickness_kept[ray[in_cone]]
-        in_bone = (radius[in_cone] <= outer) & (radius[in_cone] >= outer - thickness)
-        cone[tuple(index[in_cone].T)] = True
-        bone[tuple(index[in_cone][in_bone].T)] = True
+        return index[in_cone], radius[in_cone], outer_kept[ray[in_cone]], thickness_kept[ray[in_cone]]
+
+    def fill(self, estimate: RayEstimate, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """An ``estimate``'s bone as voxels of a ``shape`` grid: ``bone`` (voxels of its :meth:`_cone` whose
+        radius lies in their ray's [outer - thickness, outer]) and ``cone`` (the voxels of its :meth:`_cone`: the
+        part of the grid the estimate speaks for), bool ``shape`` each.
+
+        Written here because the estimate is a radial interval per ray, which no voxelizer takes as input.
+        """
+        bone, cone = np.zeros(shape, bool), np.zeros(shape, bool)
+        voxels = self._cone(estimate, shape)
+        if voxels is None:
+            return bone, cone
+        index, radius, outer, thickness = voxels
+        cone[tuple(index.T)] = True
+        bone[tuple(index[(radius <= outer) & (radius >= outer - thickness)].T)] = True
         return bone, cone
+
+    def bone_probability(self, estimate: RayEstimate, shape: tuple[int, ...], sd: float) -> np.ndarray:
+        """float32 ``shape``: each voxel's probability of lying in the ``estimate``'s bone when its outer and inner
+        surfaces each lie off by independent Gaussian errors of ``sd`` voxels along the ray,
+        Phi((outer - r) / sd) Phi((r - outer + thickness) / sd) in its :meth:`_cone` (0 elsewhere); as ``sd`` goes
+        to 0 it becomes :meth:`fill`'s bone."""
+        probability = np.zeros(shape, np.float32)
+        voxels = self._cone(estimate, shape)
+        if voxels is not None:
+            index, radius, outer, thickness = voxels
+            probability[tuple(index.T)] = ndtr((outer - radius) / sd) * ndtr((radius - outer + thickness) / sd)
+        return probability
 
     def shell_estimate(self, implant: np.ndarray) -> RayEstimate | None:
         """The bone around the holes in the directions of ``implant (N, 3)`` (a sample's implant points),
@@ -406,6 +427,13 @@ class AnatomicalPriors:
             128^3 skull; mirror and ICP about 0.6 s per case on one core, 0.7.0); not re-measured.
         icp_distance: 0.3: the ICP's correspondence distance in the denoiser's units (the skull's longest
             extent / 6; about 6 voxels on the 128^3 grid); not re-measured.
+        surface_sd: 0.5: in an ensemble, the radial error (voxels) assumed of a filled prior's outer and inner
+            surfaces: each member's probability of bone in the cone its prior fills is
+            :meth:`SkullRays.bone_probability` instead of 0 or 1, so that the ensemble's probability and variance
+            maps (not its members' masks or their vote) say how sure the surfaces are; 0: the members' 0 / 1 vote.
+            The ensembles' errors lie within a voxel of the implant's surfaces. On the validation set (15 cases,
+            5 members, tools/calibration.py) 0 / 0.5 / 1.0 gave ECE 0.21 / 0.047 / 0.071 and AUROC of the variance
+            for wrong voxels 0.55 / 0.86 / 0.84 (docs/benchmarks.md, "Uncertainty").
 
     Other numbers of the priors were not tuned and are not arguments: the rays' sampling step (half a voxel,
     :func:`radial_bone`), the neighbour spacing of the ray graph (1.6 ray spacings), the 20 rays an estimate
@@ -433,6 +461,7 @@ class AnatomicalPriors:
         min_opening: float = 0.05,
         mirror_points: int = 6000,
         icp_distance: float = 0.3,
+        surface_sd: float = 0.5,
     ) -> None:
         self.mirror, self.shell, self.fill = bool(mirror), bool(shell), bool(fill)
         self.mirrored_openings = bool(mirrored_openings)
@@ -442,6 +471,7 @@ class AnatomicalPriors:
         self.smoothing, self.max_context, self.shell_weight = float(smoothing), int(max_context), float(shell_weight)
         self.opening_rad, self.min_opening = float(opening_rad), float(min_opening)
         self.mirror_points, self.icp_distance = int(mirror_points), float(icp_distance)
+        self.surface_sd = float(surface_sd)
 
     @property
     def enabled(self) -> bool:
@@ -507,20 +537,24 @@ class AnatomicalPriors:
         return clouds, case
 
     def voxels(self, case: CasePriors, defective: np.ndarray, generated: np.ndarray, completes: np.ndarray,
-               implants: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+               implants: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
         """The members' complete skulls and implants (K, X, Y, Z) bool, made by the voxelizer from the
-        merged points ``generated`` (K, Nt, 3), with the priors' voxels: (completes, implants), or None
-        where neither step below changed them (the voxelizer's result stands, mean implant included).
+        merged points ``generated`` (K, Nt, 3), with the priors' voxels, and for an ensemble with ``surface_sd``
+        each member's probability of bone (K, X, Y, Z) float32 (else None): (completes, implants, probabilities),
+        or None where none of the steps below changed them (the voxelizer's result stands, mean implant included).
 
         - ``fill``: each member whose prior gave at least ``fill_above`` of its points takes, in the
           directions its prior fills, the prior's bone as voxels (:meth:`SkullRays.fill`); the voxelized
           implant stays elsewhere (the rim of a hole the prior does not reach). The prior's bone goes in
           uncleaned: the clean-up's opening is made for the voxelizer's films and specks and thins a 3-4
-          voxel shell (docs/history/training_notebook.md measures it).
+          voxel shell (docs/history/training_notebook.md measures it). Its probability of bone there is
+          :meth:`SkullRays.bone_probability`; elsewhere a member's implant is 0 or 1.
         - ``mirror`` and ``mirrored_openings``: each member's implant (and complete skull) is cleared of the
           natural openings its points spilled into, as the mirror shows them (:meth:`SkullRays.clear_openings`).
         """
         changed = False
+        soft = self.surface_sd > 0 and len(implants) > 1
+        probabilities = implants.astype(np.float32) if soft else None
         if self.fill:
             filled = [k for k, (estimate, fraction) in enumerate(zip(case.estimates, case.fractions))
                       if estimate is not None and fraction >= self.fill_above]
@@ -530,12 +564,18 @@ class AnatomicalPriors:
                     bone, cone = case.rays.fill(case.estimates[k], defective.shape)
                     implants[k] = (bone & ~defective) | (implants[k] & ~cone)
                     completes[k] = (completes[k] & ~cone) | bone | defective
+                    if soft:
+                        bone = case.rays.bone_probability(case.estimates[k], defective.shape, self.surface_sd)
+                        probabilities[k] = np.where(cone & ~defective, bone, probabilities[k] * ~cone)
                 changed = True
         if self.mirror and self.mirrored_openings:
             cleared = np.stack([case.rays.clear_openings(mask, points) for mask, points in zip(implants, generated)])
             completes = completes & ~(implants & ~cleared)
+            if soft:
+                probabilities *= np.stack([case.rays.clear_openings(p > 0, points)
+                                           for p, points in zip(probabilities, generated)])
             implants, changed = cleared, True
-        return (completes, implants) if changed else None
+        return (completes, implants, probabilities) if changed else None
 
     def settings(self, case: CasePriors | None) -> dict:
         """The priors of a case (``case``: None where none ran), as the case summary reports them."""

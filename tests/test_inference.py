@@ -94,7 +94,7 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     case = tmp_path / "out" / "case"
     names = {p.name for p in case.iterdir()}
     assert {"implant.nrrd", "implant_member_0.nrrd", "implant_member_1.nrrd", "implant_mean.nrrd",
-            "implant_variance.nrrd", "implant.stl", "preview.png", "summary.json"} <= names
+            "implant_probability.nrrd", "implant_variance.nrrd", "implant.stl", "preview.png", "summary.json"} <= names
     assert (inputs / "case.nrrd").read_bytes() == before  # input untouched
 
     skull = load_mask(SAMPLE)
@@ -111,6 +111,9 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     variance = LoadImage(image_only=True)(str(case / "implant_variance.nrrd"))
     assert tuple(variance.shape) == tuple(skull.shape[1:])
     assert 0.0 <= float(variance.min()) and float(variance.max()) <= 0.25
+    probability = LoadImage(image_only=True)(str(case / "implant_probability.nrrd"))
+    assert torch.allclose(variance, probability * (1 - probability), atol=1e-6)
+    assert 0.0 <= float(probability.min()) and float(probability.max()) <= 1.0
     summary = json.loads((case / "summary.json").read_text())
     assert summary["num_samples"] == 2 and summary["sampler"] == "ddim" and summary["network_calls"] == 10
     assert summary["prior"] == ["mirror", "mirror"] and min(summary["prior_fraction"]) > 0.5

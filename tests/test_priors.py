@@ -274,7 +274,9 @@ def test_voxels_put_the_prior_s_bone_into_the_members_it_filled(case):
     defective, implant, clouds = _clouds(case)
     merged, priors = PRIORS.merge(defective, clouds, 500)
     completes, implants = np.stack([defective, defective]), np.zeros((2, *defective.shape), bool)
-    filled_completes, filled = PRIORS.voxels(priors, defective, merged[:, 500:], completes, implants)
+    filled_completes, filled, probabilities = AnatomicalPriors(surface_sd=0.0).voxels(
+        priors, defective, merged[:, 500:], completes, implants)
+    assert probabilities is None  # surface_sd 0: the members' 0 / 1 vote
     assert dice(filled[0], implant) > 0.6 and not filled[1].any()
     assert not (filled[0] & defective).any() and (filled_completes[0] >= filled[0]).all()
     assert not implants.any()  # the inputs are not changed in place
@@ -287,6 +289,30 @@ def test_voxels_put_the_prior_s_bone_into_the_members_it_filled(case):
                                        "mirrored_openings": True}
     off = AnatomicalPriors(mirror=False, shell=False).settings(None)
     assert off["prior"] == [] and off["prior_fraction"] == [] and off["mirrored_openings"] is False
+
+
+def test_an_ensemble_s_probability_of_bone_is_soft_only_at_the_prior_s_surfaces(case):
+    """With ``surface_sd`` each member's probability of bone in the cone its prior fills falls off across the
+    bone's outer and inner surfaces: about 1 in the middle of the shell, 0 far off it, in between at the surfaces,
+    and it rounds to the member's own voxels (the masks and their vote do not change); elsewhere it is the
+    member's 0 or 1. As ``surface_sd`` goes to 0 it is the prior's bone as voxels."""
+    defective, implant, clouds = _clouds(case)
+    merged, priors = PRIORS.merge(defective, clouds, 500)
+    completes, implants = np.stack([defective, defective]), np.zeros((2, *defective.shape), bool)
+    hard = AnatomicalPriors(surface_sd=0.0).voxels(priors, defective, merged[:, 500:], completes, implants)
+    soft = PRIORS.voxels(priors, defective, merged[:, 500:], completes, implants)
+    np.testing.assert_array_equal(soft[0], hard[0])
+    np.testing.assert_array_equal(soft[1], hard[1])
+    probabilities = soft[2]
+    assert probabilities.dtype == np.float32 and probabilities.min() >= 0 and probabilities.max() <= 1
+    assert not probabilities[1].any()  # the member without a prior: its (empty) implant
+    assert not probabilities[0][defective].any()
+    between = (probabilities[0] > 0.05) & (probabilities[0] < 0.95)
+    assert between.sum() > 0.3 * hard[1][0].sum()  # the surfaces of a 2-3 voxel shell
+    assert dice(probabilities[0] >= 0.5, hard[1][0]) > 0.8
+    estimate = priors.estimates[0]
+    bone, _ = priors.rays.fill(estimate, defective.shape)
+    np.testing.assert_array_equal(priors.rays.bone_probability(estimate, defective.shape, 1e-6) > 0.5, bone)
 
 
 def test_the_numbers_have_one_home():
