@@ -284,33 +284,28 @@ class SkullRays:
         in_cone = ray >= 0
         return index[in_cone], radius[in_cone], outer_kept[ray[in_cone]], thickness_kept[ray[in_cone]]
 
-    def fill(self, estimate: RayEstimate, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    def fill(self, estimate: RayEstimate, shape: tuple[int, ...],
+             sd: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """An ``estimate``'s bone as voxels of a ``shape`` grid: ``bone`` (voxels of its :meth:`_cone` whose
-        radius lies in their ray's [outer - thickness, outer]) and ``cone`` (the voxels of its :meth:`_cone`: the
-        part of the grid the estimate speaks for), bool ``shape`` each.
+        radius lies in their ray's [outer - thickness, outer]), ``cone`` (the voxels of its :meth:`_cone`: the
+        part of the grid the estimate speaks for), bool ``shape`` each, and for ``sd`` > 0 each voxel's
+        ``probability`` of lying in the bone (float32 ``shape``, else None) when the outer and inner surfaces each
+        lie off by independent Gaussian errors of ``sd`` voxels along the ray: Phi((outer - r) / sd)
+        Phi((r - outer + thickness) / sd) in the cone, 0 elsewhere (``bone`` as ``sd`` goes to 0).
 
         Written here because the estimate is a radial interval per ray, which no voxelizer takes as input.
         """
         bone, cone = np.zeros(shape, bool), np.zeros(shape, bool)
+        probability = np.zeros(shape, np.float32) if sd > 0 else None
         voxels = self._cone(estimate, shape)
         if voxels is None:
-            return bone, cone
+            return bone, cone, probability
         index, radius, outer, thickness = voxels
         cone[tuple(index.T)] = True
         bone[tuple(index[(radius <= outer) & (radius >= outer - thickness)].T)] = True
-        return bone, cone
-
-    def bone_probability(self, estimate: RayEstimate, shape: tuple[int, ...], sd: float) -> np.ndarray:
-        """float32 ``shape``: each voxel's probability of lying in the ``estimate``'s bone when its outer and inner
-        surfaces each lie off by independent Gaussian errors of ``sd`` voxels along the ray,
-        Phi((outer - r) / sd) Phi((r - outer + thickness) / sd) in its :meth:`_cone` (0 elsewhere); as ``sd`` goes
-        to 0 it becomes :meth:`fill`'s bone."""
-        probability = np.zeros(shape, np.float32)
-        voxels = self._cone(estimate, shape)
-        if voxels is not None:
-            index, radius, outer, thickness = voxels
+        if probability is not None:
             probability[tuple(index.T)] = ndtr((outer - radius) / sd) * ndtr((radius - outer + thickness) / sd)
-        return probability
+        return bone, cone, probability
 
     def shell_estimate(self, implant: np.ndarray) -> RayEstimate | None:
         """The bone around the holes in the directions of ``implant (N, 3)`` (a sample's implant points),
@@ -429,7 +424,7 @@ class AnatomicalPriors:
             extent / 6; about 6 voxels on the 128^3 grid); not re-measured.
         surface_sd: 0.5: in an ensemble, the radial error (voxels) assumed of a filled prior's outer and inner
             surfaces: each member's probability of bone in the cone its prior fills is
-            :meth:`SkullRays.bone_probability` instead of 0 or 1, so that the ensemble's probability and variance
+            the ``probability`` of :meth:`SkullRays.fill` instead of 0 or 1, so that the ensemble's probability and variance
             maps (not its members' masks or their vote) say how sure the surfaces are; 0: the members' 0 / 1 vote.
             The ensembles' errors lie within a voxel of the implant's surfaces. On the validation set (15 cases,
             5 members, tools/calibration.py) 0 / 0.5 / 1.0 gave ECE 0.21 / 0.047 / 0.071 and AUROC of the variance
@@ -547,8 +542,8 @@ class AnatomicalPriors:
           directions its prior fills, the prior's bone as voxels (:meth:`SkullRays.fill`); the voxelized
           implant stays elsewhere (the rim of a hole the prior does not reach). The prior's bone goes in
           uncleaned: the clean-up's opening is made for the voxelizer's films and specks and thins a 3-4
-          voxel shell (docs/history/training_notebook.md measures it). Its probability of bone there is
-          :meth:`SkullRays.bone_probability`; elsewhere a member's implant is 0 or 1.
+          voxel shell (docs/history/training_notebook.md measures it). Its probability of bone there is the
+          fill's ``probability`` with ``surface_sd``; elsewhere a member's implant is 0 or 1.
         - ``mirror`` and ``mirrored_openings``: each member's implant (and complete skull) is cleared of the
           natural openings its points spilled into, as the mirror shows them (:meth:`SkullRays.clear_openings`).
         """
@@ -561,19 +556,21 @@ class AnatomicalPriors:
             if filled:
                 completes, implants = completes.copy(), implants.copy()
                 for k in filled:
-                    bone, cone = case.rays.fill(case.estimates[k], defective.shape)
+                    bone, cone, probability = case.rays.fill(case.estimates[k], defective.shape,
+                                                             self.surface_sd if soft else 0.0)
                     implants[k] = (bone & ~defective) | (implants[k] & ~cone)
                     completes[k] = (completes[k] & ~cone) | bone | defective
                     if soft:
-                        bone = case.rays.bone_probability(case.estimates[k], defective.shape, self.surface_sd)
-                        probabilities[k] = np.where(cone & ~defective, bone, probabilities[k] * ~cone)
+                        probabilities[k] = np.where(cone & ~defective, probability, probabilities[k] * ~cone)
                 changed = True
         if self.mirror and self.mirrored_openings:
-            cleared = np.stack([case.rays.clear_openings(mask, points) for mask, points in zip(implants, generated)])
+            # clearing is per voxel, so the soft members' support (which holds their implants) is cleared once
+            kept = np.stack([case.rays.clear_openings(mask, points)
+                             for mask, points in zip(probabilities > 0 if soft else implants, generated)])
+            cleared = implants & kept
             completes = completes & ~(implants & ~cleared)
             if soft:
-                probabilities *= np.stack([case.rays.clear_openings(p > 0, points)
-                                           for p, points in zip(probabilities, generated)])
+                probabilities *= kept
             implants, changed = cleared, True
         return (completes, implants, probabilities) if changed else None
 

@@ -192,8 +192,8 @@ def test_deploy_app_version_is_the_bundle_version():
 
 def test_headline_numbers_are_quoted_from_one_file():
     """metadata.json eval_metrics, README.md and the model card quote docs/headline_metrics.json's numbers
-    of the default setting on the study set (tools.quality_study --headline_set writes that file)."""
-    study = json.loads((ROOT / "docs" / "headline_metrics.json").read_text())["sets"]["study"]
+    of the default setting on the test set (tools.quality_study --headline_set writes that file)."""
+    study = json.loads((ROOT / "docs" / "headline_metrics.json").read_text())["sets"]["test"]
     metrics = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
     assert metrics == {"mean_dice": study["dsc"], "mean_boundary_dice_10mm": study["bdsc"], "mean_hd95_mm": study["hd95_mm"]}
     quoted = f"{study['dsc']:.3f} / {study['bdsc']:.3f} / {study['hd95_mm']:.2f}"

@@ -3,7 +3,8 @@
 For each ensemble size m in ``sizes``, one ensemble of m members per held-out case (configs/inference.json with
 ``--num_samples m``): its ``implant_probability`` p (each voxel's probability of bone: the share of members with
 bone there, or with ``--priors#surface_sd`` the members' mean probability) and ``implant`` (their majority vote),
-scored on the voxels within ``REGION_VOXELS`` of the vote or the truth (every wrong voxel lies there):
+scored (AUROC, ECE) on the voxels within ``REGION_VOXELS`` of the vote, a region that does not depend on the
+truth:
 
 - AUROC of the variance p (1 - p) (``implant_variance``) as a predictor of a wrong voxel (the vote xor the truth;
   MONAI's compute_roc_auc);
@@ -42,15 +43,18 @@ from scripts.outputs import UNSURE_VARIANCE
 from tools.quality_study import GUARDS_OFF, _run, held_out_cases
 
 NUM_BINS = 10
-REGION_VOXELS = 3  # scored region: the vote and the truth dilated by this many voxels
+REGION_VOXELS = 3  # AUROC and ECE region: the vote dilated by this many voxels (the ensembles' errors lie within 1)
 
 
 def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict:
     """Uncertainty scores of one ensemble: each voxel's ``probability`` of bone (X, Y, Z), the members' majority
-    ``vote`` and the ``truth``, bool (X, Y, Z), on the input grid; ``voxel_ml`` one voxel's volume. Scored on the
-    voxels within ``REGION_VOXELS`` of the vote or the truth (the same region whatever p is, so that settings
-    compare: farther voxels are right and, for any sensible p, certain)."""
-    region = ndimage.binary_dilation(vote | truth, iterations=REGION_VOXELS)
+    ``vote`` and the ``truth``, bool (X, Y, Z), on the input grid; ``voxel_ml`` one voxel's volume.
+
+    AUROC, ECE and the reliability bins are taken over the voxels within ``REGION_VOXELS`` of the vote, a region
+    chosen without the truth (one chosen with it, such as the vote or the truth, holds low-p voxels only where
+    they are bone, which no p can calibrate); the flagged share and the wrong volume count every wrong voxel."""
+    region = ndimage.binary_dilation(vote, iterations=REGION_VOXELS)
+    wrong_all = vote != truth
     p, y = probability[region].astype(np.float64), truth[region]
     wrong = vote[region] != y
     variance = p * (1.0 - p)
@@ -59,9 +63,10 @@ def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, vox
     y_pred, y_true = (torch.from_numpy(a.astype(np.float32))[None, None] for a in (p, y))
     ece = float(CalibrationErrorMetric(num_bins=NUM_BINS)(y_pred, y_true).item())
     mean_p, mean_y, counts = (t[0, 0].numpy() for t in calibration_binning(y_pred, y_true, num_bins=NUM_BINS))
-    return {"auroc": auroc,
-            "flagged_share": float((variance[wrong] >= UNSURE_VARIANCE).mean()) if wrong.any() else float("nan"),
-            "ece": ece, "expected_wrong_ml": expected_wrong_ml(p, voxel_ml), "wrong_ml": float(wrong.sum() * voxel_ml),
+    flagged = probability[wrong_all].astype(np.float64) * (1.0 - probability[wrong_all]) >= UNSURE_VARIANCE
+    return {"auroc": auroc, "flagged_share": float(flagged.mean()) if wrong_all.any() else float("nan"),
+            "ece": ece, "expected_wrong_ml": expected_wrong_ml(probability, voxel_ml),
+            "wrong_ml": float(wrong_all.sum() * voxel_ml),
             "dice_vote": dice(vote, truth),
             "bins": {"mean_p": mean_p.tolist(), "frequency": mean_y.tolist(), "count": counts.tolist()}}
 
