@@ -58,7 +58,8 @@ SCORE_CAP_MM = 5.0
 PROBE_POINTS = 250  # surface points that score each candidate plane
 # distinct coarse-search minima refined into full plane fits; the one whose mirror image matches the skull best
 # (median distance) wins. The coarse score is a capped mean that a large one-sided hole can pull to a plane
-# rolled by ~40 degrees (a small head with a parietotemporal defect: 1 of 152 training skulls, tools/pose_study.py planes)
+# rolled by ~40 degrees (a small head with a parietotemporal defect: 1 of 152 training skulls,
+# tools/pose_study.py planes)
 PLANE_CANDIDATES = 3
 CANDIDATE_SEPARATION_DEG = 10.0
 ICP_POINTS = 4000  # surface points in each ICP (the plane's, the canonical skull's)

@@ -25,7 +25,7 @@ from scripts.data.points import (
     normalization_params,
     normalize_points,
 )
-from scripts.implant import ensemble_mean_and_variance, postprocess_ensemble
+from scripts.implant import ensemble_mean_and_variance, majority_vote, postprocess_ensemble
 from scripts.io import mask3d
 from scripts.priors import AnatomicalPriors, CasePriors
 from scripts.networks.dpsr import DPSR, voxel_to_unit
@@ -198,9 +198,10 @@ class ImplantGenerator(Inferer):
         the members' own ``probabilities`` of bone (K, X, Y, Z) where given: their mean p and p (1 - p)."""
         if len(implants) == 1:
             return {**result, "completes": completes, "implants": implants, "implant_mean": implants[0]}
-        mean, probability, variance = ensemble_mean_and_variance(implants)
-        if probabilities is not None:
-            probability = probabilities.mean(axis=0)
+        if probabilities is None:
+            mean, probability, variance = ensemble_mean_and_variance(implants)
+        else:
+            mean, probability = majority_vote(implants), probabilities.mean(axis=0)
             variance = probability * (1.0 - probability)
         return {**result, "completes": completes, "implants": implants, "implant_mean": mean,
                 "probability": probability, "variance": variance}

@@ -32,8 +32,8 @@ from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_s
 from scripts.paths import inside
 from scripts.weights import weights_hash
 
-__all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "mask_to_mesh", "write_stl", "save_stl", "first_hit", "depth_view", "save_preview",
-           "SaveCased"]
+__all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "mask_to_mesh", "write_stl", "save_stl", "first_hit",
+           "depth_view", "save_preview", "SaveCased"]
 
 # p (1 - p) at or above which a voxel counts as unsure: 0.05 < p < 0.95, any disagreement of up to 19 binary members
 # (the preview shows these voxels; tools/calibration.py counts the wrong voxels among them)

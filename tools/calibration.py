@@ -103,7 +103,8 @@ def main(dataset_dir: str, output_dir: str = "runs/calibration", num_cases: int 
     report {size: {"all": summary, "<defect>": summary, "cases": [...], "summary_expected_wrong_ml_spearman": r}}."""
     sizes = sorted(int(s) for s in sizes)
     cases = held_out_cases(dataset_dir, num_cases, split_file=split_file, split=split)
-    out, report, plotted = Path(output_dir), {}, {}
+    out, report = Path(output_dir), {}
+    truths = {case_id(case): load_mask(case["implant"]) for case in cases}
     for m in sizes:
         folder = out / f"ensembles_{m}"
         _run("inference.json", cases, folder, stl=False, preview=False, progress=False, seed=seed, num_samples=m,
@@ -111,7 +112,7 @@ def main(dataset_dir: str, output_dir: str = "runs/calibration", num_cases: int 
         summaries = {s["case_id"]: s for s in json.loads((folder / "summary.json").read_text())["cases"]}
         rows = []
         for case in cases:
-            truth_img = load_mask(case["implant"])
+            truth_img = truths[case_id(case)]
             result = folder / case_id(case)
             probability = np.asarray(load_volume(result / "implant_probability.nrrd")[0])
             vote = np.asarray(load_mask(result / "implant.nrrd")[0]) > 0
@@ -125,8 +126,7 @@ def main(dataset_dir: str, output_dir: str = "runs/calibration", num_cases: int 
                      "summary_expected_wrong_ml_spearman": float(spearmanr(reported, [r["wrong_ml"] for r in rows])
                                                                  .statistic) if len(rows) > 2 else float("nan"),
                      "cases": rows}
-        plotted = rows if m == 5 or not plotted else plotted
-    plot(plotted, out / "reliability.png")
+    plot(report[5 if 5 in report else sizes[-1]]["cases"], out / "reliability.png")
     atomic_write(out / "calibration.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)),
                  overwrite=True)
     for m in sizes:

@@ -253,7 +253,8 @@ def main(dataset_dir: str, output_dir: str = "runs/study", num_cases: int = 20, 
         if headline_set is not None and name == DEFAULT:
             command = (f"python -m tools.quality_study --dataset_dir {dataset_dir} --num_cases {num_cases} "
                        f"--settings {shlex.quote(DEFAULT)} --headline_set {shlex.quote(headline_set)}"
-                       + (f" --split_file {split_file}" if split_file else "") + (f" --split {split}" if split != "test" else ""))
+                       + (f" --split_file {split_file}" if split_file else "")
+                       + (f" --split {split}" if split != "test" else ""))
             write_headline(HEADLINE, headline_set, dataset_dir, rows[-1], summaries, command)
         print(f"{name}: {rows[-1]} ({time.perf_counter() - start:.0f} s)", flush=True)
     if unet_weights:
