@@ -32,12 +32,16 @@ from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_s
 from scripts.paths import inside
 from scripts.weights import weights_hash
 
-__all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "mask_to_mesh", "write_stl", "save_stl", "first_hit",
-           "depth_view", "save_preview", "SaveCased"]
+__all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "UNSURE_MM", "mask_to_mesh", "write_stl", "save_stl", "first_hit",
+           "depth_view", "wrong_thickness", "save_preview", "SaveCased"]
 
 # p (1 - p) at or above which a voxel counts as unsure: 0.05 < p < 0.95, any disagreement of up to 19 binary members
 # (the preview shows these voxels; tools/calibration.py counts the wrong voxels among them)
 UNSURE_VARIANCE = 0.05
+# expected wrong thickness (mm) along a line of sight at which the preview's colour saturates (yellow); the priors'
+# soft surfaces alone give about 1 mm through a thin implant (2 surfaces x 0.8 surface_sd), a misplaced rim or a
+# disputed patch several mm
+UNSURE_MM = 5.0
 
 COORDINATE_SYSTEMS = ("LPS", "RAS")
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -168,11 +172,18 @@ def depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return hit, index / max(mask.shape[axis] - 1, 1)
 
 
+def wrong_thickness(probability: np.ndarray, axis: int, voxel_mm: float = 1.0) -> np.ndarray:
+    """Expected wrong thickness along each line of sight parallel to ``axis``: the sum of min(p, 1 - p) of the
+    probability of bone (X, Y, Z) times the voxel size ``voxel_mm`` along ``axis``; float (B, C) over the other two
+    axes (the projection of ``expected_wrong_ml``)."""
+    return np.minimum(probability, 1.0 - probability).sum(axis=axis) * voxel_mm
+
+
 def save_preview(
     path: str | os.PathLike,
     skull,
     implant,
-    variance=None,
+    probability=None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     title: str | None = None,
     figsize: tuple[float, float] = (12.0, 4.5),
@@ -184,13 +195,15 @@ def save_preview(
     Views look down the array axes from their high-index end: "axial" along k, "coronal" along j,
     "sagittal" along i (anatomical names assume the usual axial-slice storage). Each view is drawn in
     millimetres (``spacing``), so anisotropic voxels keep their physical aspect. The implant is opaque
-    where it is in front of the skull and translucent where the skull hides it. With ``variance`` the
-    overlay covers implant | (variance >= ``UNSURE_VARIANCE``) and is coloured by the largest variance along each
-    ray: dark where the ensemble is sure, yellow where its members disagree.
+    where it is in front of the skull and translucent where the skull hides it. With an ensemble's
+    ``probability`` the overlay covers implant | (p (1 - p) >= ``UNSURE_VARIANCE``) and each line of sight is
+    coloured by its expected wrong thickness, the sum of min(p, 1 - p) along it in mm (the projection of
+    ``expected_wrong_ml``), from dark (0 mm) to yellow (``UNSURE_MM`` or more). The largest p (1 - p) along a
+    ray would not do: every ray through a thin implant crosses its soft surfaces, where p is near 0.5.
 
     Args:
         path: output .png file. skull, implant: binary (X, Y, Z) volumes on the same grid.
-        variance: optional float (X, Y, Z) ensemble variance p (1 - p) in [0, 0.25].
+        probability: optional float (X, Y, Z) ensemble probability of implant bone in [0, 1].
         spacing: voxel size in mm along (i, j, k).
         title: optional figure title (e.g. the case id).
         figsize, dpi: the PNG is round(figsize * dpi) pixels (width, height).
@@ -201,15 +214,15 @@ def save_preview(
     sp = np.asarray(spacing, dtype=np.float64).ravel()
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise ValueError(f"spacing: expected three positive voxel sizes in mm, got {spacing!r}.")
-    var = None
+    p = None
     overlay = imp
-    if variance is not None:
-        var = convert_to_numpy(variance).astype(np.float32, copy=False)
-        var = var[0] if var.ndim == 4 and var.shape[0] == 1 else var
-        if var.shape != s.shape:
-            raise ValueError(f"variance {var.shape} and skull {s.shape} differ in shape.")
-        overlay = imp | (var >= UNSURE_VARIANCE)
-    cmap, norm = colormaps["plasma"], Normalize(0.0, 0.25)
+    if probability is not None:
+        p = convert_to_numpy(probability).astype(np.float32, copy=False)
+        p = p[0] if p.ndim == 4 and p.shape[0] == 1 else p
+        if p.shape != s.shape:
+            raise ValueError(f"probability {p.shape} and skull {s.shape} differ in shape.")
+        overlay = imp | (p * (1.0 - p) >= UNSURE_VARIANCE)
+    cmap, norm = colormaps["plasma"], Normalize(0.0, UNSURE_MM)
     implant_rgb = np.array([0.95, 0.45, 0.1])
 
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
@@ -220,10 +233,10 @@ def save_preview(
         o_hit, o_depth = depth_view(overlay, axis)
         rgb = np.ones(s_hit.shape + (3,))
         rgb[s_hit] = (0.25 + 0.6 * s_depth[s_hit])[:, None]  # grey, nearer is brighter
-        if var is None:
+        if p is None:
             colour = implant_rgb * (0.45 + 0.55 * o_depth)[..., None]
         else:
-            colour = cmap(norm(var.max(axis=axis)))[..., :3]
+            colour = cmap(norm(wrong_thickness(p, axis, sp[axis])))[..., :3]
         alpha = np.where(~s_hit | (o_depth >= s_depth), 1.0, 0.45)[..., None]
         rgb = np.where(o_hit[..., None], alpha * colour + (1 - alpha) * rgb, rgb)
         ax.imshow(
@@ -235,15 +248,15 @@ def save_preview(
         ax.set_title(name)
         ax.set_xlabel(f"{'ijk'[b]} (mm)")
         ax.set_ylabel(f"{'ijk'[c]} (mm)")
-    if var is None:
+    if p is None:
         fig.legend(
             handles=[Patch(color=(0.7, 0.7, 0.7), label="defective skull"), Patch(color=implant_rgb, label="implant")],
             loc="outside lower center",
             ncols=2,
         )
     else:
-        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8,
-                     label="members disagree: dark = sure, yellow = check this region (p(1-p))")
+        fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.8, extend="max",
+                     label="expected wrong (mm); yellow: check")
     if title:
         fig.suptitle(title)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), overwrite)
@@ -306,7 +319,8 @@ class SaveCased(Transform):
             if self.stl:
                 save_stl(tmp / "implant.stl", implant, img.affine)
             if self.preview:
-                save_preview(tmp / "preview.png", defective, implant, variance=variance, spacing=spacing, title=name)
+                save_preview(tmp / "preview.png", defective, implant, probability=d["implant_probability"],
+                             spacing=spacing, title=name)
             pred, voxels = d["pred"], d["implant_voxels"]
             frame = dict(d.get("frame") or {})
             frame_seconds = frame.pop("seconds", None)

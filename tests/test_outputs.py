@@ -5,7 +5,9 @@ import open3d as o3d
 import pytest
 from matplotlib.image import imread
 
-from scripts.outputs import mask_to_mesh, save_preview, save_stl, write_stl
+from scipy.special import ndtr
+
+from scripts.outputs import UNSURE_MM, mask_to_mesh, save_preview, save_stl, wrong_thickness, write_stl
 
 N = 32
 
@@ -95,15 +97,36 @@ def test_mesh_errors_and_no_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.stl"]  # no temporary files left
 
 
-def test_preview_png(tmp_path):
-    rng = np.random.default_rng(0)
+def soft_cap():
+    """A spherical cap of bone 4 voxels thick (radius 9-13, k > 6) as an ensemble's probability of bone, soft
+    across both surfaces (a Gaussian edge of 0.5 voxels), and a patch of it (i > 2) the members dispute
+    (p 0.5 from radius 11 out to 16). Returns (skull, implant, sure probability, disputed probability)."""
     g = np.indices((N, N, N), dtype=np.float64) - (N - 1) / 2
     r = np.sqrt((g**2).sum(0))
     shell = (r > 9) & (r < 13)
     implant = shell & (g[2] > 6) & (np.abs(g[0]) < 6)
-    skull = shell & ~implant
-    variance = np.where(implant, rng.uniform(0, 0.25, implant.shape), 0).astype(np.float32)
+    cap = (g[2] > 6) & (np.abs(g[0]) < 6)
+    sure = np.where(cap, ndtr((13 - r) / 0.5) * ndtr((r - 9) / 0.5), 0.0).astype(np.float32)
+    disputed = np.where(cap & (g[0] > 2) & (r >= 11) & (r < 16), 0.5, sure).astype(np.float32)
+    return shell & ~implant, implant, sure, disputed
 
+
+def test_wrong_thickness_marks_the_disputed_patch_not_the_soft_surfaces():
+    """Looking down k at the cap: the soft surfaces alone give about 2 x 0.8 x 0.5 voxels of expected wrong
+    thickness on every line of sight, the disputed patch several voxels, while the largest p (1 - p) is near 0.25
+    on both (every line of sight crosses a surface), so it could not tell them apart."""
+    _, implant, sure, disputed = soft_cap()
+    seen = implant.any(axis=2)
+    patch = (disputed != sure).any(axis=2)
+    thickness = wrong_thickness(disputed, axis=2, voxel_mm=2.0)
+    assert np.all(wrong_thickness(sure, axis=2)[seen] < 1.5)
+    assert thickness[patch & seen].mean() > UNSURE_MM and thickness[~patch & seen].max() < 3.0
+    max_variance = (disputed * (1 - disputed)).max(axis=2)
+    assert np.median(max_variance[~patch & seen]) > 0.2
+
+
+def test_preview_png(tmp_path):
+    skull, implant, sure, disputed = soft_cap()
     plain = imread(save_preview(tmp_path / "p.png", skull, implant, spacing=(1.0, 1.0, 2.0), title="case"))
     assert plain.shape == (450, 1200, 4)  # figsize (12, 4.5) inches at 100 dpi
     colours = np.unique(plain[..., :3].reshape(-1, 3), axis=0)
@@ -111,9 +134,14 @@ def test_preview_png(tmp_path):
     orange = (plain[..., 0] > 0.6) & (plain[..., 2] < 0.3)
     assert orange.sum() > 500  # the implant is visible in colour
 
-    coloured = imread(save_preview(tmp_path / "v.png", skull, implant, variance=variance, spacing=(1.0, 1.0, 2.0)))
+    def yellow(png):  # plasma's top: red and green high, blue low
+        return ((png[..., 0] > 0.85) & (png[..., 1] > 0.75) & (png[..., 2] < 0.4)).sum()
+
+    coloured = imread(save_preview(tmp_path / "s.png", skull, implant, probability=sure, spacing=(1.0, 1.0, 2.0)))
+    flagged = imread(save_preview(tmp_path / "d.png", skull, implant, probability=disputed, spacing=(1.0, 1.0, 2.0)))
     assert coloured.shape == plain.shape
     assert np.abs(coloured - plain).max(-1).astype(bool).mean() > 0.02
+    assert yellow(flagged) > yellow(coloured) + 300  # the disputed patch turns yellow
     with pytest.raises(FileExistsError):
         save_preview(tmp_path / "p.png", skull, implant)
     with pytest.raises(ValueError, match="spacing"):

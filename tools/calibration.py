@@ -13,7 +13,9 @@ truth:
 - the expected calibration error of p against the truth (MONAI's CalibrationErrorMetric, 10 bins) and a
   reliability plot (MONAI's calibration_binning: mean p against the observed frequency of bone per bin);
 - the expected wrong volume, the sum of min(p, 1 - p) voxel volumes (ml), against the true wrong volume across
-  cases (Spearman correlation), and the same for the ``expected_wrong_ml`` that summary.json reports.
+  cases (Spearman correlation), and the same for the ``expected_wrong_ml`` that summary.json reports;
+- the preview's colour, the expected wrong thickness along each line of sight, against the true wrong thickness
+  there (Spearman over the pixels it colours, the mean of its three views).
 
 Per defect class and over all cases; ``calibration.json`` and ``reliability.png`` (the 5-member ensembles, or
 the largest) in ``output_dir``.
@@ -39,11 +41,22 @@ from scripts.data.datalist import case_id
 from scripts.implant import expected_wrong_ml
 from scripts.io import atomic_write, load_mask, load_volume, mask_spacing
 from scripts.metrics import dice
-from scripts.outputs import UNSURE_VARIANCE
+from scripts.outputs import UNSURE_VARIANCE, wrong_thickness
 from tools.quality_study import GUARDS_OFF, _run, held_out_cases
 
 NUM_BINS = 10
 REGION_VOXELS = 3  # AUROC and ECE region: the vote dilated by this many voxels (the ensembles' errors lie within 1)
+
+
+def preview_spearman(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray) -> float:
+    """Does the preview point at the errors? Per view (axis), the Spearman correlation of each line of sight's
+    expected wrong thickness (the sum of min(p, 1 - p), what ``save_preview`` colours) with its true wrong
+    thickness, over the pixels the preview colours; the mean of the three views. Arrays (X, Y, Z)."""
+    overlay = vote | (probability * (1.0 - probability) >= UNSURE_VARIANCE)
+    wrong = vote != truth
+    rhos = [spearmanr(wrong_thickness(probability, axis)[hit], wrong.sum(axis)[hit]).statistic
+            for axis in range(3) if (hit := overlay.any(axis)).sum() > 2]
+    return float(np.nanmean(rhos)) if rhos else float("nan")
 
 
 def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict:
@@ -67,14 +80,15 @@ def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, vox
     return {"auroc": auroc, "flagged_share": float(flagged.mean()) if wrong_all.any() else float("nan"),
             "ece": ece, "expected_wrong_ml": expected_wrong_ml(probability, voxel_ml),
             "wrong_ml": float(wrong_all.sum() * voxel_ml),
-            "dice_vote": dice(vote, truth),
+            "dice_vote": dice(vote, truth), "preview_spearman": preview_spearman(probability, vote, truth),
             "bins": {"mean_p": mean_p.tolist(), "frequency": mean_y.tolist(), "count": counts.tolist()}}
 
 
 def summarize(rows: list[dict]) -> dict:
     """Means over cases (AUROC, flagged share, ECE, DSC of the vote) and the Spearman correlation of the expected
     and the true wrong volume across them."""
-    out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("auroc", "flagged_share", "ece", "dice_vote")}
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("auroc", "flagged_share", "ece", "dice_vote",
+                                                           "preview_spearman")}
     out["cases"] = len(rows)
     expected, true = [r["expected_wrong_ml"] for r in rows], [r["wrong_ml"] for r in rows]
     out["spearman_wrong_ml"] = float(spearmanr(expected, true).statistic) if len(rows) > 2 else float("nan")
