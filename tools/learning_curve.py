@@ -80,8 +80,9 @@ def score(run_dir: str, dataset_dir: str, output_dir: str, num_cases: int = 10, 
     return "\n".join(lines)
 
 
-def plot(curves: dict[str, str], out: str) -> Path:
-    """Draw {label: curve.json} as DSC and val Chamfer against CPU-hours into the PNG ``out`` (atomic)."""
+def plot(curves: dict[str, str], out: str, dsc_label: str = "held-out DSC (10 study cases)") -> Path:
+    """Draw {label: curve.json} as DSC (axis label ``dsc_label``: which cases, which setting) and val Chamfer
+    against CPU-hours into the PNG ``out`` (atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +95,7 @@ def plot(curves: dict[str, str], out: str) -> Path:
         ax_dsc.plot([r["cpu_hours"] for r in scored], [r["dsc"] for r in scored], "o-", label=label)
         measured = [r for r in rows if r.get("val_chamfer") is not None]
         ax_chamfer.plot([r["cpu_hours"] for r in measured], [r["val_chamfer"] for r in measured], "o-", label=label)
-    ax_dsc.set(xlabel="CPU-hours (one core)", ylabel="held-out DSC (10 study cases)", ylim=(0, 1))
+    ax_dsc.set(xlabel="CPU-hours (one core)", ylabel=dsc_label, ylim=(0, 1))
     ax_chamfer.set(xlabel="CPU-hours (one core)", ylabel="val Chamfer (voxels, DDIM-20)", yscale="log")
     for ax in (ax_dsc, ax_chamfer):
         ax.grid(alpha=0.3)

@@ -9,6 +9,8 @@ resampling). Every copy runs configs/inference.json with the no-defect guards on
 counted, and scored as an empty implant) with the default priors and with the diffusion sample alone.
 
     python -m tools.pose_study run --output_dir runs/pose --num_skulls 2 --seed 2027
+    python -m tools.pose_study run --output_dir runs/pose_mirror --settings alone --preset small_mirror \
+        --denoiser_weights <exported EMA weights>   # another denoiser, the diffusion sample alone
     python -m tools.pose_study calibrate --num_skulls 10      # the frame constants, on training skulls
     python -m tools.pose_study planes --split train           # mid-sagittal plane errors, on training skulls
 
@@ -102,12 +104,16 @@ def score(implant_path: Path | None, case: dict) -> dict:
             "hd95": hd95(pred, gt, spacing) if pred.any() else float("nan")}
 
 
-def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, max_deg: float = 25.0, steps: int = 10):
-    """Runs the study (see the module docstring): prints the table, writes ``<output_dir>/pose.json``."""
+def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, max_deg: float = 25.0, steps: int = 10,
+        settings: tuple = tuple(SETTINGS), **config):
+    """Runs the study (see the module docstring) for ``settings`` (names in SETTINGS), with ``config`` overriding
+    configs/inference.json for all of them (e.g. ``preset``, ``denoiser_weights``): prints the table, writes
+    ``<output_dir>/pose.json``."""
     out = Path(output_dir)
     cases = write_cases(out / "cases", num_skulls, seed, max_deg)
     rows = []
-    for setting, overrides in SETTINGS.items():
+    for setting in settings.split(",") if isinstance(settings, str) else settings:
+        overrides = {**config, **SETTINGS[setting]}
         parser = ConfigParser()
         parser.read_config(str(ROOT / "configs" / "inference.json"))
         parser.update({"bundle_root": str(ROOT), "progress": False, "output_dir": str(out / setting), "stl": False,
