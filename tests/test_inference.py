@@ -27,7 +27,8 @@ from scripts.io import MaskError, load_mask, save_mask
 from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
-from scripts.weights import load_weights
+from scripts.generator import ImplantGenerator
+from scripts.weights import export_weights, load_weights
 from tools.pose_study import moved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -506,6 +507,38 @@ def test_a_mirror_conditioned_denoiser_gets_the_mirror_image_over_the_opening():
     assert cKDTree(skulls[0]).query(mirror)[0].min() > 1.0  # none on the skull
     clouds, _ = generator.complete_points(defective)
     np.testing.assert_array_equal(clouds[0, :nc], skulls[0])
+
+
+MIRROR_RECIPE = [str(ROOT / "configs" / name) for name in ("train_base.json", "train_diffusion.json",
+                                                             "recipes/denoiser_small.json", "recipes/denoiser_mirror.json")]
+
+
+class MirrorRemoved(ImplantGenerator):
+    """The generator with the mirror image taken out of the denoiser's condition: the flagged points are the
+    member's own skull points instead."""
+
+    def condition_points(self, defective):
+        skulls, _ = super().condition_points(defective)
+        return skulls, skulls.copy()
+
+
+def test_the_trained_mirror_denoiser_follows_its_mirror_input(tmp_path):
+    """The mirror-conditioned run's committed resume point (EMA weights, DDIM-10) on the sample: the points it
+    generates lie along the mirror image over the opening (nearly half within 3 voxels of it); without the
+    mirror image none do, so the implant comes from the mirror condition the network learned to use."""
+    (checkpoint,) = (ROOT / "checkpoints" / "denoiser_mirror_scratch").glob("*.pt")
+    weights = export_weights(checkpoint, tmp_path / "mirror.pt", MIRROR_RECIPE, key="ema_network")
+    settings = {"preset": "small_mirror", "denoiser_weights": str(weights), "steps": 10}
+    parser = _parser(**settings)
+    generator, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
+    removed = _generator(**settings, **{"inferer#_target_": f"{__name__}.MirrorRemoved"})
+    defective = np.asarray(preprocessing(case_datalist([SAMPLE])[0])["image"][0]) > 0
+    _, conditions = generator.condition_points(defective)
+    mirror = cKDTree(conditions[0, generator.num_condition - generator.num_mirror :])
+    with_mirror = mirror.query(generator.complete_points(defective)[1][0])[0]
+    without = mirror.query(removed.complete_points(defective)[1][0])[0]
+    assert (with_mirror < 3).mean() > 0.3 and np.median(with_mirror) < 5
+    assert (without < 3).mean() < 0.05 and np.median(without) > 3 * np.median(with_mirror)
 
 
 def test_ensemble_members_complete_their_own_condition_draw():
