@@ -61,6 +61,15 @@ MAX_INPUT_VOXELS = 24 * 1024**3 // PEAK_BYTES_PER_VOXEL  # what 24 GB holds: 805
 _NRRD_DECOMPRESSORS = {"gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
                        "gz": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS), "bzip2": bz2.BZ2Decompressor,
                        "bz2": bz2.BZ2Decompressor}
+# bytes per value of each NRRD "type" name (the NRRD spec's list; pynrrd keeps its own table private)
+_NRRD_VALUE_BYTES = {name: size for size, names in (
+    (1, ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t")),
+    (2, ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort", "unsigned short",
+         "unsigned short int", "uint16", "uint16_t")),
+    (4, ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float")),
+    (8, ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64", "int64_t",
+         "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t", "double")),
+) for name in names}
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -160,7 +169,10 @@ def _nrrd_bytes(path: Path, header: dict) -> bytearray:
     """The voxel bytes of an NRRD with attached raw (byte skip >= 0), gzip or bzip2 data, decompressed once and at
     most to the size its header gives (pynrrd would inflate a decompression bomb whole into memory first). Raises
     MaskError naming the file."""
-    size = math.prod(int(n) for n in header["sizes"]) * np.dtype(nrrd.reader._determine_datatype(header)).itemsize
+    kind = str(header.get("type", "")).strip().lower()
+    if kind not in _NRRD_VALUE_BYTES:
+        raise MaskError(f"{path}: NRRD type {kind!r} is not a number type this bundle reads")
+    size = math.prod(int(n) for n in header["sizes"]) * _NRRD_VALUE_BYTES[kind]
     encoding = str(header.get("encoding", "raw")).lower()
     line_skip, byte_skip = int(header.get("line skip", 0)), int(header.get("byte skip", 0))
     with open(path, "rb") as f:

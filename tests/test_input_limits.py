@@ -14,9 +14,9 @@ from scripts.io import MAX_INPUT_VOXELS, PEAK_BYTES_PER_VOXEL, MaskError, load_m
 from tests.test_untrusted_weights import ROOT
 
 
-def nrrd_file(path, sizes, payload: bytes, encoding="gzip", extra=""):
-    """An NRRD with the given header sizes and (already encoded) payload."""
-    header = (f"NRRD0004\ntype: uint8\ndimension: {len(sizes)}\nspace: left-posterior-superior\n"
+def nrrd_file(path, sizes, payload: bytes, encoding="gzip", extra="", kind="uint8"):
+    """An NRRD with the given header sizes, value type and (already encoded) payload."""
+    header = (f"NRRD0004\ntype: {kind}\ndimension: {len(sizes)}\nspace: left-posterior-superior\n"
               f"sizes: {' '.join(map(str, sizes))}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
               f"encoding: {encoding}\nspace origin: (0,0,0)\n{extra}\n")
     path.write_bytes(header.encode() + payload)
@@ -64,6 +64,24 @@ def test_a_small_header_over_a_decompression_bomb_is_refused_without_inflating(t
 def test_detached_nrrd_data_is_refused(tmp_path):
     path = nrrd_file(tmp_path / "detached.nrrd", (4, 4, 4), b"", "raw", "data file: /etc/hostname\n")
     with pytest.raises(MaskError, match=rf"^{path}: detached NRRD data"):
+        load_mask(path)
+
+
+@pytest.mark.parametrize("kind, size", [("uint8", 1), ("signed short", 2), ("float", 4), ("unsigned long long", 8)])
+def test_the_header_sizes_the_voxel_data_for_every_number_type(tmp_path, kind, size):
+    """Raw data one byte short of what the header's type and sizes give is refused, exactly enough is read."""
+    endian = "endian: little\n" if size > 1 else ""
+    path = nrrd_file(tmp_path / "short.nrrd", (4, 4, 4), bytes(64 * size - 1), "raw", endian, kind)
+    with pytest.raises(MaskError, match=rf"^{path}: cannot read image data \(only {64 * size - 1} of {64 * size} bytes\)"):
+        load_mask(path)
+    path = nrrd_file(tmp_path / "empty.nrrd", (4, 4, 4), bytes(64 * size), "raw", endian, kind)
+    with pytest.raises(MaskError, match=rf"^{path}: empty mask"):
+        load_mask(path)
+
+
+def test_a_block_type_nrrd_is_refused_naming_the_type(tmp_path):
+    path = nrrd_file(tmp_path / "block.nrrd", (4, 4, 4), bytes(256), "raw", "block size: 4\n", kind="block")
+    with pytest.raises(MaskError, match=rf"^{path}: NRRD type 'block' is not a number type this bundle reads$"):
         load_mask(path)
 
 
