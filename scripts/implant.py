@@ -52,6 +52,7 @@ __all__ = [
     "postprocess_member",
     "postprocess_ensemble",
     "majority_vote",
+    "expected_wrong",
     "combine_completes",
     "ensemble_mean_and_variance",
     "require_implant",
@@ -387,7 +388,7 @@ class ImplantToInputGridd(MapTransform):
     """The generator's result (``keys``: :class:`~scripts.generator.ImplantGenerator` output on the canonical
     cube ``cube_key``, :class:`~scripts.frame.CanonicalFramed`) -> the input's exact grid (``reference_key``,
     the input skull mask), without the skull's voxels: ``implant`` (the single member, or the ensemble's
-    majority vote), and for an ensemble ``implant_members``, ``implant_probability`` (float32, resampled) and
+    mean implant), and for an ensemble ``implant_members``, ``implant_probability`` (float32, resampled) and
     ``implant_variance`` (its p (1 - p)) and ``expected_wrong_ml`` (:func:`expected_wrong_ml` on the model grid)."""
 
     def __init__(self, keys: KeysCollection = "pred", cube_key: str = "image", reference_key: str = "skull") -> None:
@@ -405,15 +406,21 @@ class ImplantToInputGridd(MapTransform):
             d["implant_probability"] = None if single else _to_input_grid(pred["probability"], cube, img, False)
             d["implant_variance"] = None if single else d["implant_probability"] * (1.0 - d["implant_probability"])
             d["expected_wrong_ml"] = None if single else expected_wrong_ml(
-                pred["probability"], float(np.prod(mask_spacing(cube))) / 1000.0)
+                pred["probability"], pred["implant_mean"], float(np.prod(mask_spacing(cube))) / 1000.0)
         return d
 
 
-def expected_wrong_ml(probability: np.ndarray, voxel_ml: float) -> float:
-    """The volume (ml) the ensemble's majority vote gets wrong if each voxel is bone with the members' probability
-    ``probability`` (any shape): the sum of min(p, 1 - p) voxels of ``voxel_ml`` each."""
+def expected_wrong(probability: np.ndarray, implant: np.ndarray) -> np.ndarray:
+    """Each voxel's chance that the ensemble's ``implant`` (bool) is wrong there if it is bone with the members'
+    ``probability``: 1 - p inside the implant, p outside (same shapes)."""
     p = np.asarray(probability, dtype=np.float64)
-    return float(np.minimum(p, 1.0 - p).sum() * voxel_ml)
+    return np.where(np.asarray(implant, dtype=bool), 1.0 - p, p)
+
+
+def expected_wrong_ml(probability: np.ndarray, implant: np.ndarray, voxel_ml: float) -> float:
+    """The volume (ml) the ensemble's ``implant`` gets wrong in expectation (:func:`expected_wrong`), voxels of
+    ``voxel_ml`` each."""
+    return float(expected_wrong(probability, implant).sum() * voxel_ml)
 
 
 class RequireImplantd(MapTransform):

@@ -28,6 +28,7 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage
 from skimage.measure import marching_cubes
 
+from scripts.implant import expected_wrong
 from scripts.io import atomic_folder, atomic_write, is_isotropic, mask3d, mask_spacing, mask_suffix, save_mask
 from scripts.paths import inside
 from scripts.weights import weights_hash
@@ -172,11 +173,12 @@ def depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return hit, index / max(mask.shape[axis] - 1, 1)
 
 
-def wrong_thickness(probability: np.ndarray, axis: int, voxel_mm: float = 1.0) -> np.ndarray:
-    """Expected wrong thickness along each line of sight parallel to ``axis``: the sum of min(p, 1 - p) of the
-    probability of bone (X, Y, Z) times the voxel size ``voxel_mm`` along ``axis``; float (B, C) over the other two
-    axes (the projection of ``expected_wrong_ml``)."""
-    return np.minimum(probability, 1.0 - probability).sum(axis=axis) * voxel_mm
+def wrong_thickness(probability: np.ndarray, implant: np.ndarray, axis: int, voxel_mm: float = 1.0) -> np.ndarray:
+    """Expected wrong thickness of the ``implant`` (bool (X, Y, Z)) along each line of sight parallel to ``axis``
+    if each voxel is bone with ``probability`` (X, Y, Z): the sum of :func:`~scripts.implant.expected_wrong` times
+    the voxel size ``voxel_mm`` along ``axis``; float (B, C) over the other two axes (the projection of
+    ``expected_wrong_ml``)."""
+    return expected_wrong(probability, implant).sum(axis=axis) * voxel_mm
 
 
 def save_preview(
@@ -197,7 +199,7 @@ def save_preview(
     millimetres (``spacing``), so anisotropic voxels keep their physical aspect. The implant is opaque
     where it is in front of the skull and translucent where the skull hides it. With an ensemble's
     ``probability`` the overlay covers implant | (p (1 - p) >= ``UNSURE_VARIANCE``) and each line of sight is
-    coloured by its expected wrong thickness, the sum of min(p, 1 - p) along it in mm (the projection of
+    coloured by the implant's expected wrong thickness along it in mm (:func:`wrong_thickness`, the projection of
     ``expected_wrong_ml``), from dark (0 mm) to yellow (``UNSURE_MM`` or more). The largest p (1 - p) along a
     ray would not do: every ray through a thin implant crosses its soft surfaces, where p is near 0.5.
 
@@ -236,7 +238,7 @@ def save_preview(
         if p is None:
             colour = implant_rgb * (0.45 + 0.55 * o_depth)[..., None]
         else:
-            colour = cmap(norm(wrong_thickness(p, axis, sp[axis])))[..., :3]
+            colour = cmap(norm(wrong_thickness(p, imp, axis, sp[axis])))[..., :3]
         alpha = np.where(~s_hit | (o_depth >= s_depth), 1.0, 0.45)[..., None]
         rgb = np.where(o_hit[..., None], alpha * colour + (1 - alpha) * rgb, rgb)
         ax.imshow(
@@ -336,7 +338,7 @@ class SaveCased(Transform):
                 "implant_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
                 "implant_open_fraction": round(d["implant_open_fraction"], 3),
                 "member_voxels": [int(m.sum()) for m in pred["implants"]],
-                # an ensemble's own estimate of how much of its majority vote is wrong (tools/calibration.py)
+                # an ensemble's own estimate of how much of its implant is wrong (tools/calibration.py)
                 **({"expected_wrong_ml": round(d["expected_wrong_ml"], 3)} if d.get("expected_wrong_ml") is not None
                    else {}),
                 **frame,

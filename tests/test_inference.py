@@ -27,7 +27,7 @@ from scripts.io import MaskError, load_mask, save_mask
 from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
-from scripts.generator import ImplantGenerator
+from scripts.generator import SOFT_VOTE, ImplantGenerator
 from scripts.weights import export_weights, load_weights
 from tools.pose_study import moved
 
@@ -104,8 +104,8 @@ def test_inference_config_end_to_end_ensemble(tmp_path):
     assert not (implant.bool() & skull.bool()).any()
     assert implant.sum() > 0
     # the implant sits in the defect: nearly all of it within 5 voxels (8 mm) of the true implant, and it
-    # overlaps the truth. The vote of two members is their union (a tie counts); the sample's defect is one-sided,
-    # so the mirror prior gives both members most of their points: DSC 0.87 with the shipped weights
+    # overlaps the truth. The sample's defect is one-sided, so the mirror prior gives both members most of their
+    # points: DSC 0.87 with the shipped weights
     truth = load_mask(TRUTH)
     assert fraction_near(implant, truth, 5) > 0.9
     assert dice(implant[0] > 0, truth[0] > 0) > 0.75
@@ -234,7 +234,7 @@ def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generat
 )
 def test_bad_inputs_fail_before_any_output(tmp_path, make, message):
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import ImplantGenerator
+    from scripts.generator import SOFT_VOTE, ImplantGenerator
 
     skull = load_mask(SAMPLE)
     array = make(np.asarray(skull[0]))
@@ -292,7 +292,7 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     assert np.array_equal(clouds[1.0, 0], _generator(sampler="ddim", steps=4, eta=1.0).complete_points(skull)[1])
     assert not np.allclose(clouds[1.0, 0], clouds[1.0, 1]) and not np.allclose(clouds[1.0, 0], clouds[0.0, 0])
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import ImplantGenerator
+    from scripts.generator import SOFT_VOTE, ImplantGenerator
 
     def build(sampler, eta):
         return ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
@@ -434,7 +434,7 @@ def test_the_generator_returns_each_case_s_priors():
     runs none and reports them off. Tiny untrained networks on a 64^3 synthetic skull."""
     from scripts.data.synthetic import skullbreak_case
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import ImplantGenerator
+    from scripts.generator import SOFT_VOTE, ImplantGenerator
     from scripts.priors import AnatomicalPriors, CasePriors
 
     defective, _ = skullbreak_case(0, size=64).defect("parietotemporal")
@@ -539,6 +539,23 @@ def test_the_trained_mirror_denoiser_follows_its_mirror_input(tmp_path):
     without = mirror.query(removed.complete_points(defective)[1][0])[0]
     assert (with_mirror < 3).mean() > 0.3 and np.median(with_mirror) < 5
     assert (without < 3).mean() < 0.05 and np.median(without) > 3 * np.median(with_mirror)
+
+
+def test_an_ensemble_keeps_the_voxels_its_members_give_a_probability_of_at_least_soft_vote():
+    """Members with their own probabilities of bone (the priors' soft surfaces): the mean implant is mean p >=
+    SOFT_VOTE (0.4), which keeps a voxel that 2 of 5 members are sure of; members without (their 0 / 1 masks)
+    keep the majority vote, which does not."""
+    implants = np.zeros((5, 4, 4, 4), bool)
+    implants[:3, 0] = True  # 3 of 5: both keep it
+    implants[:2, 1] = True  # 2 of 5: p 0.4
+    implants[:1, 2] = True  # 1 of 5: p 0.2, neither keeps it
+    soft = ImplantGenerator._with_members({}, implants, implants, implants.astype(np.float32))
+    hard = ImplantGenerator._with_members({}, implants, implants)
+    assert SOFT_VOTE == 0.4
+    assert soft["implant_mean"][:2].all() and not soft["implant_mean"][2:].any()
+    assert hard["implant_mean"][0].all() and not hard["implant_mean"][1:].any()
+    np.testing.assert_allclose(soft["probability"], hard["probability"])
+    np.testing.assert_allclose(soft["variance"], soft["probability"] * (1 - soft["probability"]))
 
 
 def test_ensemble_members_complete_their_own_condition_draw():

@@ -118,8 +118,8 @@ def test_wrong_thickness_marks_the_disputed_patch_not_the_soft_surfaces():
     _, implant, sure, disputed = soft_cap()
     seen = implant.any(axis=2)
     patch = (disputed != sure).any(axis=2)
-    thickness = wrong_thickness(disputed, axis=2, voxel_mm=2.0)
-    assert np.all(wrong_thickness(sure, axis=2)[seen] < 1.5)
+    thickness = wrong_thickness(disputed, implant, axis=2, voxel_mm=2.0)
+    assert np.all(wrong_thickness(sure, implant, axis=2)[seen] < 1.5)
     assert thickness[patch & seen].mean() > UNSURE_MM and thickness[~patch & seen].max() < 3.0
     max_variance = (disputed * (1 - disputed)).max(axis=2)
     assert np.median(max_variance[~patch & seen]) > 0.2

@@ -2,7 +2,8 @@
 
 For each ensemble size m in ``sizes``, one ensemble of m members per held-out case (configs/inference.json with
 ``--num_samples m``): its ``implant_probability`` p (each voxel's probability of bone: the share of members with
-bone there, or with ``--priors#surface_sd`` the members' mean probability) and ``implant`` (their majority vote),
+bone there, or with ``--priors#surface_sd`` the members' mean probability) and ``implant`` (the ensemble's
+implant, "the vote": their majority vote, or with ``surface_sd`` p >= ``scripts.generator.SOFT_VOTE``),
 scored (AUROC, ECE) on the voxels within ``REGION_VOXELS`` of the vote, a region that does not depend on the
 truth:
 
@@ -12,7 +13,7 @@ truth:
   voxels the preview colours: 0.05 < p < 0.95);
 - the expected calibration error of p against the truth (MONAI's CalibrationErrorMetric, 10 bins) and a
   reliability plot (MONAI's calibration_binning: mean p against the observed frequency of bone per bin);
-- the expected wrong volume, the sum of min(p, 1 - p) voxel volumes (ml), against the true wrong volume across
+- the expected wrong volume of the vote (1 - p inside it, p outside; ml), against the true wrong volume across
   cases (Spearman correlation), and the same for the ``expected_wrong_ml`` that summary.json reports;
 - the preview's colour, the expected wrong thickness along each line of sight, against the true wrong thickness
   there (Spearman over the pixels it colours, the mean of its three views).
@@ -50,11 +51,11 @@ REGION_VOXELS = 3  # AUROC and ECE region: the vote dilated by this many voxels 
 
 def preview_spearman(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray) -> float:
     """Does the preview point at the errors? Per view (axis), the Spearman correlation of each line of sight's
-    expected wrong thickness (the sum of min(p, 1 - p), what ``save_preview`` colours) with its true wrong
+    expected wrong thickness (``wrong_thickness``, what ``save_preview`` colours) with its true wrong
     thickness, over the pixels the preview colours; the mean of the three views. Arrays (X, Y, Z)."""
     overlay = vote | (probability * (1.0 - probability) >= UNSURE_VARIANCE)
     wrong = vote != truth
-    rhos = [spearmanr(wrong_thickness(probability, axis)[hit], wrong.sum(axis)[hit]).statistic
+    rhos = [spearmanr(wrong_thickness(probability, vote, axis)[hit], wrong.sum(axis)[hit]).statistic
             for axis in range(3) if (hit := overlay.any(axis)).sum() > 2]
     return float(np.nanmean(rhos)) if rhos else float("nan")
 
@@ -78,7 +79,7 @@ def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, vox
     mean_p, mean_y, counts = (t[0, 0].numpy() for t in calibration_binning(y_pred, y_true, num_bins=NUM_BINS))
     flagged = probability[wrong_all].astype(np.float64) * (1.0 - probability[wrong_all]) >= UNSURE_VARIANCE
     return {"auroc": auroc, "flagged_share": float(flagged.mean()) if wrong_all.any() else float("nan"),
-            "ece": ece, "expected_wrong_ml": expected_wrong_ml(probability, voxel_ml),
+            "ece": ece, "expected_wrong_ml": expected_wrong_ml(probability, vote, voxel_ml),
             "wrong_ml": float(wrong_all.sum() * voxel_ml),
             "dice_vote": dice(vote, truth), "preview_spearman": preview_spearman(probability, vote, truth),
             "bins": {"mean_p": mean_p.tolist(), "frequency": mean_y.tolist(), "count": counts.tolist()}}
