@@ -32,12 +32,12 @@ from scripts.networks.dpsr import DPSR, voxel_to_unit
 
 __all__ = ["ImplantGenerator"]
 
-# a generator without priors reports them all off in its summary
 # an ensemble whose members bring their own probabilities of bone (the priors' soft surfaces) keeps the voxels of
 # mean probability >= SOFT_VOTE: the members' majority vote was slightly thin (bone at p 0.1-0.5 more often than
 # p says); chosen on 15 validation cases x 5 members among 0.3-0.6 (DSC 0.854 / 0.858 / 0.848 / 0.817 at 0.3 / 0.4 /
 # 0.5 / 0.6 on the resampled probability, the majority vote 0.847; in the pipeline, on the model grid, 0.852)
 SOFT_VOTE = 0.4
+# a generator without priors reports them all off in its summary
 NO_PRIORS = AnatomicalPriors(mirror=False, shell=False, fill=False, mirrored_openings=False)
 
 

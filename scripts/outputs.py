@@ -34,7 +34,7 @@ from scripts.paths import inside
 from scripts.weights import weights_hash
 
 __all__ = ["COORDINATE_SYSTEMS", "UNSURE_VARIANCE", "UNSURE_MM", "mask_to_mesh", "write_stl", "save_stl", "first_hit",
-           "depth_view", "wrong_thickness", "save_preview", "SaveCased"]
+           "depth_view", "unsure", "wrong_thickness", "save_preview", "SaveCased"]
 
 # p (1 - p) at or above which a voxel counts as unsure: 0.05 < p < 0.95, any disagreement of up to 19 binary members
 # (the preview shows these voxels; tools/calibration.py counts the wrong voxels among them)
@@ -173,6 +173,13 @@ def depth_view(mask: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return hit, index / max(mask.shape[axis] - 1, 1)
 
 
+def unsure(probability: np.ndarray) -> np.ndarray:
+    """The voxels an ensemble is unsure of: p (1 - p) >= ``UNSURE_VARIANCE`` for a probability of bone p (any
+    shape); bool, same shape."""
+    p = np.asarray(probability)
+    return p * (1.0 - p) >= UNSURE_VARIANCE
+
+
 def wrong_thickness(probability: np.ndarray, implant: np.ndarray, axis: int, voxel_mm: float = 1.0) -> np.ndarray:
     """Expected wrong thickness of the ``implant`` (bool (X, Y, Z)) along each line of sight parallel to ``axis``
     if each voxel is bone with ``probability`` (X, Y, Z): the sum of :func:`~scripts.implant.expected_wrong` times
@@ -223,7 +230,7 @@ def save_preview(
         p = p[0] if p.ndim == 4 and p.shape[0] == 1 else p
         if p.shape != s.shape:
             raise ValueError(f"probability {p.shape} and skull {s.shape} differ in shape.")
-        overlay = imp | (p * (1.0 - p) >= UNSURE_VARIANCE)
+        overlay = imp | unsure(p)
     cmap, norm = colormaps["plasma"], Normalize(0.0, UNSURE_MM)
     implant_rgb = np.array([0.95, 0.45, 0.1])
 

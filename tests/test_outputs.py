@@ -4,7 +4,6 @@ import numpy as np
 import open3d as o3d
 import pytest
 from matplotlib.image import imread
-
 from scipy.special import ndtr
 
 from scripts.outputs import UNSURE_MM, mask_to_mesh, save_preview, save_stl, wrong_thickness, write_stl

@@ -42,7 +42,7 @@ from scripts.data.datalist import case_id
 from scripts.implant import expected_wrong_ml
 from scripts.io import atomic_write, load_mask, load_volume, mask_spacing
 from scripts.metrics import dice
-from scripts.outputs import UNSURE_VARIANCE, wrong_thickness
+from scripts.outputs import unsure, wrong_thickness
 from tools.quality_study import GUARDS_OFF, _run, held_out_cases
 
 NUM_BINS = 10
@@ -53,7 +53,7 @@ def preview_spearman(probability: np.ndarray, vote: np.ndarray, truth: np.ndarra
     """Does the preview point at the errors? Per view (axis), the Spearman correlation of each line of sight's
     expected wrong thickness (``wrong_thickness``, what ``save_preview`` colours) with its true wrong
     thickness, over the pixels the preview colours; the mean of the three views. Arrays (X, Y, Z)."""
-    overlay = vote | (probability * (1.0 - probability) >= UNSURE_VARIANCE)
+    overlay = vote | unsure(probability)
     wrong = vote != truth
     rhos = [spearmanr(wrong_thickness(probability, vote, axis)[hit], wrong.sum(axis)[hit]).statistic
             for axis in range(3) if (hit := overlay.any(axis)).sum() > 2]
@@ -61,8 +61,8 @@ def preview_spearman(probability: np.ndarray, vote: np.ndarray, truth: np.ndarra
 
 
 def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict:
-    """Uncertainty scores of one ensemble: each voxel's ``probability`` of bone (X, Y, Z), the members' majority
-    ``vote`` and the ``truth``, bool (X, Y, Z), on the input grid; ``voxel_ml`` one voxel's volume.
+    """Uncertainty scores of one ensemble: each voxel's ``probability`` of bone (X, Y, Z), the ensemble's
+    implant ``vote`` and the ``truth``, bool (X, Y, Z), on the input grid; ``voxel_ml`` one voxel's volume.
 
     AUROC, ECE and the reliability bins are taken over the voxels within ``REGION_VOXELS`` of the vote, a region
     chosen without the truth (one chosen with it, such as the vote or the truth, holds low-p voxels only where
@@ -77,7 +77,7 @@ def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, vox
     y_pred, y_true = (torch.from_numpy(a.astype(np.float32))[None, None] for a in (p, y))
     ece = float(CalibrationErrorMetric(num_bins=NUM_BINS)(y_pred, y_true).item())
     mean_p, mean_y, counts = (t[0, 0].numpy() for t in calibration_binning(y_pred, y_true, num_bins=NUM_BINS))
-    flagged = probability[wrong_all].astype(np.float64) * (1.0 - probability[wrong_all]) >= UNSURE_VARIANCE
+    flagged = unsure(probability[wrong_all].astype(np.float64))
     return {"auroc": auroc, "flagged_share": float(flagged.mean()) if wrong_all.any() else float("nan"),
             "ece": ece, "expected_wrong_ml": expected_wrong_ml(probability, vote, voxel_ml),
             "wrong_ml": float(wrong_all.sum() * voxel_ml),
@@ -86,10 +86,10 @@ def score_case(probability: np.ndarray, vote: np.ndarray, truth: np.ndarray, vox
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Means over cases (AUROC, flagged share, ECE, DSC of the vote) and the Spearman correlation of the expected
-    and the true wrong volume across them."""
-    out = {k: float(np.nanmean([r[k] for r in rows])) for k in ("auroc", "flagged_share", "ece", "dice_vote",
-                                                           "preview_spearman")}
+    """Means over cases (AUROC, flagged share, ECE, DSC of the vote, the preview's Spearman) and the Spearman
+    correlation of the expected and the true wrong volume across them."""
+    keys = ("auroc", "flagged_share", "ece", "dice_vote", "preview_spearman")
+    out = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     out["cases"] = len(rows)
     expected, true = [r["expected_wrong_ml"] for r in rows], [r["wrong_ml"] for r in rows]
     out["spearman_wrong_ml"] = float(spearmanr(expected, true).statistic) if len(rows) > 2 else float("nan")
