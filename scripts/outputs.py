@@ -301,6 +301,7 @@ class SaveCased(Transform):
                  overwrite: bool = False, stl: bool = True, preview: bool = True) -> None:
         self.output_dir, self.weights = Path(output_dir), [Path(w) for w in weights]
         self.overwrite, self.stl, self.preview = overwrite, stl, preview
+        self._hashes: dict | None = None  # hashed on the first case: the process loaded the weights once
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -311,7 +312,9 @@ class SaveCased(Transform):
         if final_dir.resolve() == path.parent.resolve():
             raise ValueError(f"{final_dir}: output folder is the input's folder; choose another output_dir")
         suffix, spacing = mask_suffix(path), mask_spacing(img)
-        hashes = {w.name: weights_hash(w) for w in self.weights}
+        if self._hashes is None:
+            self._hashes = {w.name: weights_hash(w) for w in self.weights}
+        hashes = self._hashes
         implant, members, variance = d["implant"], d["implant_members"], d["implant_variance"]
         defective = np.asarray(img[0]) > 0
         with atomic_folder(final_dir, self.overwrite) as tmp:
