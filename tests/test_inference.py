@@ -523,11 +523,13 @@ class MirrorRemoved(ImplantGenerator):
 
 
 def test_the_trained_mirror_denoiser_follows_its_mirror_input(tmp_path):
-    """The mirror-conditioned run's committed resume point (EMA weights, DDIM-10) on the sample: the points it
-    generates lie along the mirror image over the opening (nearly half within 3 voxels of it); without the
-    mirror image none do, so the implant comes from the mirror condition the network learned to use."""
-    (checkpoint,) = (ROOT / "checkpoints" / "denoiser_mirror_scratch").glob("*.pt")
-    weights = export_weights(checkpoint, tmp_path / "mirror.pt", MIRROR_RECIPE, key="ema_network")
+    """The mirror-conditioned run's committed resume point (its first stage's EMA weights, or a checkpoint's,
+    DDIM-10) on the sample: the points it generates lie along the mirror image over the opening (nearly half
+    within 3 voxels of it); without the mirror image none do, so the implant comes from the mirror condition the
+    network learned to use."""
+    (committed,) = (ROOT / "checkpoints" / "denoiser_mirror_scratch").glob("*.pt")
+    weights = committed if committed.name.endswith("weights.pt") else \
+        export_weights(committed, tmp_path / "mirror.pt", MIRROR_RECIPE, key="ema_network")
     settings = {"preset": "small_mirror", "denoiser_weights": str(weights), "steps": 10}
     parser = _parser(**settings)
     generator, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
