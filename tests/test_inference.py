@@ -28,7 +28,7 @@ from scripts.metrics import dice
 from scripts.networks.pvcnn2 import PVCNN2Denoiser
 from scripts.networks.sap import SAPVoxelizer
 from scripts.generator import SOFT_VOTE, ImplantGenerator
-from scripts.weights import export_weights, load_weights
+from scripts.weights import load_weights
 from tools.pose_study import moved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +234,6 @@ def test_ct_input_gives_the_implant_and_the_derived_skull_mask(tmp_path, generat
 )
 def test_bad_inputs_fail_before_any_output(tmp_path, make, message):
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import SOFT_VOTE, ImplantGenerator
 
     skull = load_mask(SAMPLE)
     array = make(np.asarray(skull[0]))
@@ -292,7 +291,6 @@ def test_stochastic_ddim_is_seeded_and_eta_only_applies_to_ddim():
     assert np.array_equal(clouds[1.0, 0], _generator(sampler="ddim", steps=4, eta=1.0).complete_points(skull)[1])
     assert not np.allclose(clouds[1.0, 0], clouds[1.0, 1]) and not np.allclose(clouds[1.0, 0], clouds[0.0, 0])
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import SOFT_VOTE, ImplantGenerator
 
     def build(sampler, eta):
         return ImplantGenerator(PVCNN2Denoiser("tiny"), SAPVoxelizer("tiny"), ConditionalDiffusion(), 448, 64,
@@ -434,7 +432,6 @@ def test_the_generator_returns_each_case_s_priors():
     runs none and reports them off. Tiny untrained networks on a 64^3 synthetic skull."""
     from scripts.data.synthetic import skullbreak_case
     from scripts.diffusion.process import ConditionalDiffusion
-    from scripts.generator import SOFT_VOTE, ImplantGenerator
     from scripts.priors import AnatomicalPriors, CasePriors
 
     defective, _ = skullbreak_case(0, size=64).defect("parietotemporal")
@@ -509,10 +506,6 @@ def test_a_mirror_conditioned_denoiser_gets_the_mirror_image_over_the_opening():
     np.testing.assert_array_equal(clouds[0, :nc], skulls[0])
 
 
-MIRROR_RECIPE = [str(ROOT / "configs" / name) for name in ("train_base.json", "train_diffusion.json",
-                                                             "recipes/denoiser_small.json", "recipes/denoiser_mirror.json")]
-
-
 class MirrorRemoved(ImplantGenerator):
     """The generator with the mirror image taken out of the denoiser's condition: the flagged points are the
     member's own skull points instead."""
@@ -522,14 +515,11 @@ class MirrorRemoved(ImplantGenerator):
         return skulls, skulls.copy()
 
 
-def test_the_trained_mirror_denoiser_follows_its_mirror_input(tmp_path):
-    """The mirror-conditioned run's committed resume point (its first stage's EMA weights, or a checkpoint's,
-    DDIM-10) on the sample: the points it generates lie along the mirror image over the opening (nearly half
-    within 3 voxels of it); without the mirror image none do, so the implant comes from the mirror condition the
-    network learned to use."""
-    (committed,) = (ROOT / "checkpoints" / "denoiser_mirror_scratch").glob("*.pt")
-    weights = committed if committed.name.endswith("weights.pt") else \
-        export_weights(committed, tmp_path / "mirror.pt", MIRROR_RECIPE, key="ema_network")
+def test_the_trained_mirror_denoiser_follows_its_mirror_input():
+    """The mirror-conditioned run's committed resume point (its first stage's EMA weights, DDIM-10) on the sample:
+    the points it generates lie along the mirror image over the opening (nearly half within 3 voxels of it);
+    without the mirror image none do, so the implant comes from the mirror condition the network learned to use."""
+    weights = ROOT / "checkpoints" / "denoiser_mirror_scratch" / "stage1_weights.pt"
     settings = {"preset": "small_mirror", "denoiser_weights": str(weights), "steps": 10}
     parser = _parser(**settings)
     generator, preprocessing = (parser.get_parsed_content(k) for k in ("inferer", "preprocessing"))
