@@ -31,7 +31,7 @@ under the model path (``-m`` / ``HOLOSCAN_MODEL_PATH``) when the bundle folder i
 app's model, as in a MONAI Application Package. Usage (see deploy/README.md)::
 
     python deploy/app.py -i <input folder or file> -o <output folder> [-m <bundle folder>] [-l DEBUG]
-        [--preset small] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
+        [--preset small_mirror] [--num_samples 1] [--sampler ddim] [--steps 10] [--eta 0] [--seed 0] [--device cpu]
         [--input_type auto|mask|ct] [--bone_threshold_hu 150] [--max_input_voxels N]
         [--denoiser_weights FILE] [--voxelizer_weights FILE] [--strict_weights]
         [--overwrite] [--no-stl] [--no-preview] [--no-progress]

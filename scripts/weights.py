@@ -167,22 +167,24 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, key: str = S
     return network
 
 
-SHIPPED_PRESET = "small"  # the preset of models/model.pt and models/model_voxelizer.pt
+# the presets of models/model.pt and models/model_voxelizer.pt, by the trainer layer that makes them
+SHIPPED_PRESETS = {"train_diffusion.json": "small_mirror", "train_voxelizer.json": "small"}
 
 
 def load_preset_weights(network: torch.nn.Module, path: str | os.PathLike, recipe: Mapping, trainer: str,
                         **kwargs) -> torch.nn.Module:
     """:func:`load_weights` (``kwargs`` go to it) for a job's ``--preset``: when another preset than the shipped
-    one is asked and the file is missing or does not fit, the one-line error also says that the shipped weights
-    are the ``small`` preset and gives the command that trains weights of that preset (``trainer``: its layer)."""
+    one is asked and the file is missing or does not fit, the one-line error also says which preset the shipped
+    weights are (:data:`SHIPPED_PRESETS`) and gives the command that trains weights of that preset (``trainer``:
+    its layer)."""
     try:
         return load_weights(network, path, recipe=recipe, **kwargs)
     except (FileNotFoundError, ValueError) as err:
-        preset = recipe.get("preset")
-        if preset == SHIPPED_PRESET:
+        preset, shipped = recipe.get("preset"), SHIPPED_PRESETS[trainer]
+        if preset == shipped:
             raise
         err.args = (
-            f"{err}; the shipped weights are the '{SHIPPED_PRESET}' preset, no '{preset}' weights ship: train them with "
+            f"{err}; the shipped weights are the '{shipped}' preset, no '{preset}' weights ship: train them with "
             f"`python -m monai.bundle run --config_file \"['configs/train_base.json','configs/{trainer}']\" --preset {preset} "
             "--dataset_dir <SkullBreak root>`, export them with `python -m tools.export_weights` (docs/training.md) "
             "and pass them with --denoiser_weights / --voxelizer_weights",

@@ -45,10 +45,11 @@ OVERLAYS = {"multi_gpu_train.json": [[trainer] for trainer in TRAINERS],
             "recipes/denoiser_mirror.json": [["train_diffusion.json", "recipes/denoiser_small.json"]],
             "recipes/voxelizer_small.json": [["train_voxelizer.json"]]}
 # the training configs of the shipped weights, by the inference.json recipe they must match
-SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_small_b16.json"],
+SHIPPED = {"denoiser_recipe": ["train_diffusion.json", "recipes/denoiser_small.json", "recipes/denoiser_mirror.json",
+                               "recipes/denoiser_small_b16.json"],
            "voxelizer_recipe": ["train_voxelizer.json", "recipes/voxelizer_small.json"]}
 # the shipped denoiser comes from the staged command: its recipe is the last stage's, named after that command
-STAGED_NAME = {"denoiser_recipe": json.loads((CONFIGS / "train_denoiser_small.json").read_text())["recipe_name"]}
+STAGED_NAME = {"denoiser_recipe": json.loads((CONFIGS / "train_denoiser_mirror.json").read_text())["recipe_name"]}
 CONFIG_RUNS = [[c] for c in sorted(p.name for p in CONFIGS.glob("*.json")) if c not in [TRAIN_BASE, *TRAINERS, *OVERLAYS]] + [
     [TRAIN_BASE, trainer] for trainer in TRAINERS] + [
     [TRAIN_BASE, *below, overlay] for overlay, stacks in OVERLAYS.items() for below in stacks]
@@ -171,10 +172,10 @@ def test_shipped_recipes_are_what_inference_expects():
 
 
 def test_staged_training_command_ends_with_the_shipped_denoiser_recipe():
-    """configs/train_denoiser_small.json (all stages in one command): its last stage trains with the
+    """configs/train_denoiser_mirror.json (all stages in one command): its last stage trains with the
     configs of the shipped denoiser's recipe, so its result passes inference.json's recipe check."""
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train_denoiser_small.json"))
+    parser.read_config(str(CONFIGS / "train_denoiser_mirror.json"))
     parser["bundle_root"] = str(ROOT)
     last = [*parser.get_parsed_content("trainer_configs"), *parser.get_parsed_content("stages")[-1]["configs"]]
     assert [Path(c).resolve() for c in last] == [CONFIGS / c for c in (TRAIN_BASE, *SHIPPED["denoiser_recipe"])]

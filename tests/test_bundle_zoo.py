@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
 INFER = ROOT / "configs" / "inference.json"
 WEIGHTS = {"network_def": ROOT / "models" / "model.pt", "voxelizer_def": ROOT / "models" / "model_voxelizer.pt"}
+PRESET = json.loads(INFER.read_text())["preset"]  # the shipped denoiser's preset
 
 
 # ----------------------------------------------------------------------------- large_files.yml
@@ -112,7 +113,7 @@ def test_ckpt_export_traced_voxelizer_matches_eager(tmp_path):
 def test_denoiser_export_limits_documented_in_bundle_checks_md():
     """docs/bundle_checks.md: the denoiser cannot be scripted, and a trace only replays the example input
     (furthest point sampling / ball query run in numpy / scipy and become constants)."""
-    net = load_weights(PVCNN2Denoiser("small"), WEIGHTS["network_def"]).eval()
+    net = load_weights(PVCNN2Denoiser(PRESET), WEIGHTS["network_def"]).eval()
     with pytest.raises(torch.jit.frontend.UnsupportedNodeError, match="function definitions aren't supported"):
         torch.jit.script(net)
     gen = torch.Generator().manual_seed(0)
@@ -160,7 +161,7 @@ def test_zipped_bundle_loads_with_config_workflow(tmp_path):
     outputs = torch.load(bundle / "outputs.pt")
     pts = torch.rand(1, 3, 3072, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        eps = load_weights(PVCNN2Denoiser("small"), WEIGHTS["network_def"]).eval()(pts, torch.tensor([10]))
+        eps = load_weights(PVCNN2Denoiser(PRESET), WEIGHTS["network_def"]).eval()(pts, torch.tensor([10]))
         ind = load_weights(SAPIndicator("small"), WEIGHTS["voxelizer_def"]).eval()(pts)
     assert outputs["eps"].shape == (1, 3, 3072) and outputs["indicator"].shape == (1, 1, 64, 64, 64)
     torch.testing.assert_close(outputs["eps"], eps)
@@ -280,9 +281,10 @@ def test_missing_named_dataset_fails_in_one_line_with_the_command_that_makes_it(
 
 
 def test_paper_preset_without_paper_weights_fails_in_one_line(tmp_path):
-    """--preset paper with the shipped (small) weights, and with a paper weights file that is not there: one line
-    naming the file, saying the shipped weights are the small preset, and the command that trains paper weights."""
-    hint = ("the shipped weights are the 'small' preset, no 'paper' weights ship: train them with `python -m monai.bundle"
+    """--preset paper with the shipped (small_mirror) weights, and with a paper weights file that is not there: one
+    line naming the file, saying the shipped denoiser is the small_mirror preset, and the command that trains paper
+    weights."""
+    hint = ("the shipped weights are the 'small_mirror' preset, no 'paper' weights ship: train them with `python -m monai.bundle"
             " run --config_file \"['configs/train_base.json','configs/train_diffusion.json']\" --preset paper")
     for extra, problem in [([], f"ERROR: {WEIGHTS['network_def']}: recipe mismatch for 'preset'"),
                            (["--denoiser_weights", str(tmp_path / "paper.pt")],
