@@ -156,9 +156,9 @@ def test_inference_config_has_monai_inference_properties():
 
 def test_shipped_recipes_are_what_inference_expects():
     """The recipe overlays of the shipped weights build the recipes inference.json checks the weights
-    against (so training and inference cannot drift apart silently), and the shipped files carry them."""
-    from scripts.weights import read_recipe
-    from scripts.weights import training_recipe
+    against (so training and inference cannot drift apart silently), and the shipped files carry them, with the
+    presets that scripts.weights.SHIPPED_PRESETS names in its errors."""
+    from scripts.weights import SHIPPED_PRESETS, read_recipe, training_recipe
 
     infer = ConfigParser()
     infer.read_config(str(CONFIGS / "inference.json"))
@@ -169,6 +169,7 @@ def test_shipped_recipes_are_what_inference_expects():
         shipped = ROOT / "models" / ("model.pt" if expected == "denoiser_recipe" else "model_voxelizer.pt")
         assert read_recipe(shipped) == {**trained, "name": STAGED_NAME.get(expected, trained["name"]),
                                         "bundle_version": read_recipe(shipped)["bundle_version"]}
+        assert SHIPPED_PRESETS[layers[0]] == read_recipe(shipped)["preset"]
 
 
 def test_staged_training_command_ends_with_the_shipped_denoiser_recipe():
