@@ -268,14 +268,14 @@ def test_monai_bundle_load_from_another_folder(tmp_path):
 
 
 def test_missing_named_dataset_fails_in_one_line_with_the_command_that_makes_it(tmp_path):
-    """The one-command training on a fresh clone: no data/synth128_160 -> one line naming the folder and the generator
-    command (160 skulls at 128^3 take too long to make unasked)."""
-    missing = tmp_path / "data" / "synth128_160"
-    run = _bundle_cli("run", "--config_file", str(ROOT / "configs" / "train_denoiser_small.json"), "--bundle_root",
+    """The shipped denoiser's one-command training on a fresh clone: no data/synth128_wide -> one line naming the
+    folder and the generator command that makes it (168 skulls at 128^3 take too long to make unasked)."""
+    missing = tmp_path / "data" / "synth128_wide"
+    run = _bundle_cli("run", "--config_file", str(ROOT / "configs" / "train_denoiser_mirror.json"), "--bundle_root",
                       str(ROOT), "--dataset_dir", str(missing), "--output_dir", str(tmp_path / "run"), cwd=tmp_path)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     command = (f"cd {ROOT} && python -m scripts.data.synthetic skullbreak --root {missing} "
-               "--num_cases 160 --size 128 --seed 0")
+               "--num_cases 168 --size 128 --seed 0 --head_scale '[0.8,1.05]' --head_stretch 0.1")
     assert run.stderr.strip().splitlines()[-1] == (
         f"ERROR: {missing}: dataset root folder not found; make it with `{command}`")
 

@@ -1,4 +1,4 @@
-"""Training in stages with one command (configs/train_denoiser_small.json, scripts/stages.py): each stage
+"""Training in stages with one command (configs/train_denoiser_mirror.json, scripts/stages.py): each stage
 trains from the previous stage's exported weights, a finished stage is skipped when the command runs
 again, and the last stage's weights are the result."""
 
@@ -16,8 +16,8 @@ from scripts.stages import run_stages, stage_dir
 from scripts.weights import read_weights_file
 
 ROOT = Path(__file__).resolve().parents[1]
-# the shipped recipe at the tiny preset on 40^3 skulls, a few iterations per stage
-TINY = {"preset": "tiny", "surface_points": 2000, "surface_transforms#3#num_points": 2000, "batch_size": 2,
+# the shipped recipe (with its mirror condition) at the tiny preset on 40^3 skulls, a few iterations per stage
+TINY = {"preset": "tiny", "num_mirror": 64, "surface_points": 2000, "surface_transforms#3#num_points": 2000, "batch_size": 2,
         "split_file": None, "max_epochs": 1, "val_interval": 100, "log_interval": 1}
 
 
@@ -43,7 +43,7 @@ def test_stages_hand_their_weights_on_and_a_second_run_skips_finished_stages(dat
                                                 **{"recipe#name": "second_stage"})]},
     ]
     out = tmp_path / "run"
-    command = dict(config_file=str(ROOT / "configs" / "train_denoiser_small.json"), bundle_root=str(ROOT),
+    command = dict(config_file=str(ROOT / "configs" / "train_denoiser_mirror.json"), bundle_root=str(ROOT),
                    output_dir=str(out), dataset_dir=str(dataset_dir), stages=stages)
     run(**command)
 
@@ -51,13 +51,13 @@ def test_stages_hand_their_weights_on_and_a_second_run_skips_finished_stages(dat
     assert torch.load(first / "checkpoints" / "final.pt", weights_only=False)["trainer"]["iteration"] == 4
     assert torch.load(second / "checkpoints" / "final.pt", weights_only=False)["trainer"]["iteration"] == 2
     start, end = (read_weights_file(d / "weights.pt") for d in (first, second))
-    assert start["recipe"]["name"] == "denoiser_small" and end["recipe"]["name"] == "second_stage"
+    assert start["recipe"]["name"] == "denoiser_mirror" and end["recipe"]["name"] == "second_stage"
     assert start["recipe"]["preset"] == "tiny"
     second_network = torch.load(second / "checkpoints" / "final.pt", weights_only=False)["network"]
     assert all(torch.equal(second_network[k], v) for k, v in start["network"].items())  # started from stage 1
     result = read_weights_file(out / "model.pt")
     assert all(torch.equal(result["network"][k], v) for k, v in end["network"].items())
-    assert result["recipe"] == {**end["recipe"], "name": "train_denoiser_small"}  # named after the staged command
+    assert result["recipe"] == {**end["recipe"], "name": "train_denoiser_mirror"}  # named after the staged command
 
     files = [d / name for d in (first, second) for name in ("weights.pt", "checkpoints/final.pt")]
     stamps = [f.stat().st_mtime_ns for f in files]

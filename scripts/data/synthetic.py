@@ -29,6 +29,7 @@ CLI:
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -74,6 +75,9 @@ NAMED_DATASETS = {
     "synth128": dict(num_cases=32, size=128, seed=0),
     "synth128_160": dict(num_cases=160, size=128, seed=0),
     "synth128_seed4242": dict(num_cases=8, size=128, seed=4242),
+    # the widened heads of the shipped denoiser's training, validation and test sets (configs/splits/synthetic_wide.json)
+    "synth128_wide": dict(num_cases=168, size=128, seed=0, head_scale=(0.8, 1.05), head_stretch=0.1),
+    "synth128_wide_seed4242": dict(num_cases=8, size=128, seed=4242, head_scale=(0.8, 1.05), head_stretch=0.1),
 }
 DEFECT_KINDS = (*SKULLBREAK_DEFECTS, "skullfix")  # position k -> random stream [seed, case_id, 1 + k]
 SKULLFIX_Z_FRACTION = 0.6  # SkullFix-like grids: size x size x round(0.6 * size), thicker slices
@@ -682,7 +686,8 @@ def generator_command(root: str | os.PathLike) -> str | None:
     if args is None:
         return None
     bundle = Path(__file__).resolve().parents[2]
-    flags = " ".join(f"--{k} {v}" for k, v in args.items())
+    shell = lambda v: shlex.quote(f"[{','.join(map(str, v))}]") if isinstance(v, tuple) else v  # noqa: E731
+    flags = " ".join(f"--{k} {shell(v)}" for k, v in args.items())
     return f"cd {bundle} && python -m scripts.data.synthetic skullbreak --root {Path(root).resolve()} {flags}"
 
 
