@@ -7,6 +7,9 @@ view of the same size: rotated by a random rotation of up to ``max_deg`` about e
 factor in [0.8, 1.15], and stretched by +-10 % along a random axis (the true implant goes through the same
 resampling). Every copy runs configs/inference.json with the no-defect guards on (a refused case is
 counted, and scored as an empty implant) with the default priors and with the diffusion sample alone.
+Two controls say how much of a copy's loss is the resampling that made it rather than its pose: the
+*floor* (the upright implant moved like the copy, against the copy's truth) and a ``roundtrip`` copy (the input
+rotated and turned back, two resamplings in the upright pose, against the untouched truth).
 
     python -m tools.pose_study run --output_dir runs/pose --num_skulls 2 --seed 2027
     python -m tools.pose_study run --output_dir runs/pose_mirror --settings alone --preset small_mirror \
@@ -39,7 +42,9 @@ from scripts.metrics import boundary_dice, dice, hd95
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"default": {}, "alone": {"mirror_prior": False, "shell_prior": False}}
-VARIANTS = ("upright", "rotated", "scaled", "stretched")
+# "roundtrip": the input rotated like a rotated copy and back again (two resamplings, the upright pose), scored
+# against the untouched truth: what the copies' resampling of the input alone costs
+VARIANTS = ("upright", "rotated", "scaled", "stretched", "roundtrip")
 
 
 def moved(img: MetaTensor, linear: np.ndarray) -> np.ndarray:
@@ -56,10 +61,10 @@ def moved(img: MetaTensor, linear: np.ndarray) -> np.ndarray:
 
 def variant_linear(kind: str, rng: np.random.Generator, max_deg: float) -> tuple[np.ndarray, dict]:
     """How :data:`VARIANTS` ``kind`` moves the head (3, 3) and what was drawn for it: a random rotation (the
-    inverse of the x-y-z Euler angles drawn, up to ``max_deg``), scale or stretch."""
+    inverse of the x-y-z Euler angles drawn, up to ``max_deg``; "roundtrip" also draws one), scale or stretch."""
     if kind == "upright":
         return np.eye(3), {}
-    if kind == "rotated":
+    if kind in ("rotated", "roundtrip"):
         angles = rng.uniform(-max_deg, max_deg, 3)
         return Rotation.from_euler("xyz", angles, degrees=True).as_matrix().T, {"drawn_rotation_deg": angles.round(2).tolist()}
     if kind == "scaled":
@@ -69,6 +74,17 @@ def variant_linear(kind: str, rng: np.random.Generator, max_deg: float) -> tuple
     linear = np.eye(3)
     linear[axis, axis] = factor
     return linear, {"stretch_axis": axis, "stretch": factor}
+
+
+def _copy(mask: np.ndarray, affine: np.ndarray, kind: str, linear: np.ndarray, truth: bool) -> np.ndarray:
+    """The :data:`VARIANTS` ``kind`` copy of a bool mask (S, S, S) in its original field of view -> uint8."""
+    if kind == "upright" or (kind == "roundtrip" and truth):
+        return mask.astype(np.uint8)
+    img = MetaTensor(torch.from_numpy(mask[None].astype(np.uint8)), affine=torch.as_tensor(affine))
+    head = moved(img, linear)
+    if kind == "roundtrip":
+        head = moved(MetaTensor(torch.from_numpy(head[None].astype(np.uint8)), affine=img.affine), linear.T)
+    return head.astype(np.uint8)
 
 
 def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> list[dict]:
@@ -86,20 +102,26 @@ def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> lis
                 paths = {"input": folder / f"{name}.nii.gz", "truth": folder / f"{name}_truth.nii.gz"}
                 if not paths["truth"].exists():
                     for key, mask in (("input", defective), ("truth", implant)):
-                        img = MetaTensor(torch.from_numpy(mask[None].astype(np.uint8)), affine=torch.as_tensor(case.affine))
-                        head = moved(img, linear) if kind != "upright" else mask  # in the original field of view
-                        save_mask(paths[key], head.astype(np.uint8), case.affine)
+                        save_mask(paths[key], _copy(mask, case.affine, kind, linear, key == "truth"), case.affine)
+                final = np.eye(3) if kind == "roundtrip" else linear  # where the head ends up
                 cases.append({"name": name, "skull": skull_id, "defect": defect, "variant": kind, **drawn,
-                              **{k: str(v) for k, v in paths.items()}})
+                              "linear": final.tolist(), **{k: str(v) for k, v in paths.items()}})
     return cases
 
 
-def score(implant_path: Path | None, case: dict) -> dict:
-    """DSC, boundary DSC and HD95 (mm) of an implant file against the case's truth (None: a refused case)."""
+def score(implant_path: Path | None, case: dict, move_upright: bool = False) -> dict:
+    """DSC, boundary DSC and HD95 (mm) of an implant file against the case's truth (None: a refused case).
+    ``move_upright``: ``implant_path`` is the upright copy's implant, moved like this copy first (what a pipeline
+    that gave every copy exactly the upright answer would score: the copy's own resampling loss)."""
     truth, defective = load_mask(case["truth"]), load_mask(case["input"])
     spacing = np.abs(np.diag(np.asarray(truth.affine)[:3, :3]))
     gt = np.asarray(truth[0]) > 0
-    pred = np.asarray(load_mask(implant_path)[0]) > 0 if implant_path else np.zeros_like(gt)
+    if implant_path is None:
+        pred = np.zeros_like(gt)
+    elif move_upright:
+        pred = moved(load_mask(implant_path), np.asarray(case["linear"]))
+    else:
+        pred = np.asarray(load_mask(implant_path)[0]) > 0
     return {"dsc": dice(pred, gt), "bdsc": boundary_dice(pred, gt, np.asarray(defective[0]) > 0, spacing),
             "hd95": hd95(pred, gt, spacing) if pred.any() else float("nan")}
 
@@ -136,15 +158,20 @@ def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, ma
                          **{k: summary.get(k) for k in ("rotation_deg", "frame", "head_scale", "frame_residual_mm")},
                          "frame_s": summary.get("timings_s", {}).get("frame")})
             print(f"{setting} {case['name']}: DSC {rows[-1]['dsc']:.3f}", flush=True)
+        for row in rows:  # the resampling floor: the upright implant moved like each copy
+            upright = out / setting / f"{row['name'].rsplit('_', 1)[0]}_upright" / "implant.nii.gz"
+            if row["setting"] == setting and row["variant"] != "upright" and upright.exists():
+                row["floor"] = score(upright, row, move_upright=True)
     report = {"seed": seed, "num_skulls": num_skulls, "max_deg": max_deg, "rows": rows}
     (out / "pose.json").write_text(json.dumps(report, indent=1, default=float))
     print(markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:
-    """Mean DSC / bDSC / HD95 per setting and variant, and the paired differences to upright."""
-    lines = ["| setting | variant | DSC | bDSC | HD95 mm | dDSC vs upright | dbDSC | dHD95 | refused |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Mean DSC / bDSC / HD95 per setting and variant, the paired differences to upright, and those of the
+    resampling floor (the upright implant moved like the copy)."""
+    lines = ["| setting | variant | DSC | bDSC | HD95 mm | dDSC vs upright | dbDSC | dHD95 | refused | "
+             "floor: dDSC / dbDSC / dHD95 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         upright = {(r["skull"], r["defect"]): r for r in rows if r["setting"] == setting and r["variant"] == "upright"}
         for kind in VARIANTS:
@@ -153,9 +180,14 @@ def markdown(rows: list[dict]) -> str:
                 continue
             diff = lambda k: np.array([r[k] - upright[(r["skull"], r["defect"])][k] for r in sel])  # noqa: E731
             mean = lambda k: np.nanmean([r[k] for r in sel])  # noqa: E731
+            floor = "-"
+            if all("floor" in r for r in sel):
+                lost = {k: np.nanmean([r["floor"][k] - upright[(r["skull"], r["defect"])][k] for r in sel])
+                        for k in ("dsc", "bdsc", "hd95")}
+                floor = f"{lost['dsc']:+.3f} / {lost['bdsc']:+.3f} / {lost['hd95']:+.2f}"
             lines.append(f"| {setting} | {kind} | {mean('dsc'):.3f} | {mean('bdsc'):.3f} | {mean('hd95'):.2f} | "
                          f"{diff('dsc').mean():+.3f} | {diff('bdsc').mean():+.3f} | {np.nanmean(diff('hd95')):+.2f} | "
-                         f"{sum(r['refused'] for r in sel)}/{len(sel)} |")
+                         f"{sum(r['refused'] for r in sel)}/{len(sel)} | {floor} |")
     return "\n".join(lines)
 
 
