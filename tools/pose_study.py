@@ -2,7 +2,7 @@
 head frame). Nothing here is tuned on: the skulls come from a generator seed that no training or tuning
 uses (default 2027).
 
-Each skull x defect class is written upright (128^3, 1.6 mm, as generated) and as three copies in a field of
+Each skull x defect class is written upright (128^3, 1.6 mm, as generated; ``--size 256``: 0.8 mm) and as three copies in a field of
 view of the same size: rotated by a random rotation of up to ``max_deg`` about each axis, scaled by a random
 factor in [0.8, 1.15], and stretched by +-10 % along a random axis (the true implant goes through the same
 resampling). Every copy runs configs/inference.json with the no-defect guards on (a refused case is
@@ -87,12 +87,12 @@ def _copy(mask: np.ndarray, affine: np.ndarray, kind: str, linear: np.ndarray, t
     return head.astype(np.uint8)
 
 
-def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float) -> list[dict]:
+def write_cases(folder: Path, num_skulls: int, seed: int, max_deg: float, size: int = 128) -> list[dict]:
     """Each skull x defect x variant as ``<case>_<variant>.nii.gz`` with its truth ``..._truth.nii.gz``."""
     folder.mkdir(parents=True, exist_ok=True)
     cases = []
     for skull_id in range(num_skulls):
-        case = skullbreak_case(skull_id, size=128, seed=seed)
+        case = skullbreak_case(skull_id, size=size, seed=seed)
         for defect in SKULLBREAK_DEFECTS:
             defective, implant = case.defect(defect)
             rng = np.random.default_rng([seed, skull_id, SKULLBREAK_DEFECTS.index(defect)])
@@ -127,12 +127,13 @@ def score(implant_path: Path | None, case: dict, move_upright: bool = False) -> 
 
 
 def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, max_deg: float = 25.0, steps: int = 10,
-        settings: tuple = tuple(SETTINGS), **config):
-    """Runs the study (see the module docstring) for ``settings`` (names in SETTINGS), with ``config`` overriding
+        settings: tuple = tuple(SETTINGS), size: int = 128, **config):
+    """Runs the study (see the module docstring) for ``settings`` (names in SETTINGS) on ``size``^3 skulls (the
+    204.8 mm field of view: 1.6 mm voxels at 128, 0.8 mm at 256), with ``config`` overriding
     configs/inference.json for all of them (e.g. ``preset``, ``denoiser_weights``): prints the table, writes
     ``<output_dir>/pose.json``."""
     out = Path(output_dir)
-    cases = write_cases(out / "cases", num_skulls, seed, max_deg)
+    cases = write_cases(out / "cases", num_skulls, seed, max_deg, size)
     rows = []
     for setting in settings.split(",") if isinstance(settings, str) else settings:
         overrides = {**config, **SETTINGS[setting]}
