@@ -18,33 +18,32 @@ from pathlib import Path
 
 import fire
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, threads: int, seed: int,
          denoiser_weights: str | None, voxelizer_weights: str | None) -> dict:
-    """Time one setting in this process; returns the stage timings (s) and peak RSS (GiB)."""
+    """Time one setting in this process: configs/inference.json's generator (its priors, margin and sampler
+    settings) for ``preset``, with untrained networks unless weights are given; returns the stage timings (s)
+    and peak RSS (GiB)."""
     import numpy as np
     import torch
+    from monai.bundle import ConfigParser
 
-    from scripts.diffusion.process import ConditionalDiffusion
     from scripts.frame import MODEL_GRIDS, CanonicalFramed
-    from scripts.generator import ImplantGenerator
     from scripts.io import load_mask
-    from scripts.networks.pvcnn2 import PRESETS, PVCNN2Denoiser
-    from scripts.networks.sap import SAPVoxelizer
-    from scripts.weights import load_weights
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    denoiser, voxelizer = PVCNN2Denoiser(preset), SAPVoxelizer(preset)
-    if denoiser_weights:
-        load_weights(denoiser, denoiser_weights)
-    if voxelizer_weights:
-        load_weights(voxelizer, voxelizer_weights)
-    cfg = PRESETS[preset]
-    generator = ImplantGenerator(
-        denoiser, voxelizer, ConditionalDiffusion(clip_x0=4.0), cfg["num_condition"], cfg["num_points"] - cfg["num_condition"],
-        sampler=sampler, steps=steps, num_samples=num_samples, seed=seed, progress=False,
-    )
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(ROOT), "preset": preset, "sampler": sampler, "steps": steps,
+                   "num_samples": num_samples, "seed": seed, "progress": False, "device": "$torch.device('cpu')",
+                   "denoiser": "@network_def" if denoiser_weights is None else parser["denoiser"],
+                   "voxelizer": "@voxelizer_def" if voxelizer_weights is None else parser["voxelizer"],
+                   **({"denoiser_weights": denoiser_weights} if denoiser_weights else {}),
+                   **({"voxelizer_weights": voxelizer_weights} if voxelizer_weights else {})})
+    generator = parser.get_parsed_content("inferer")
     start = time.perf_counter()
     img = load_mask(mask)
     grid, spacing = MODEL_GRIDS[preset]  # the skull in its canonical cube, as configs/inference.json puts it
