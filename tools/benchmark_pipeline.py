@@ -38,11 +38,11 @@ def _one(preset: str, mask: str, sampler: str, steps: int, num_samples: int, thr
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update({"bundle_root": str(ROOT), "preset": preset, "sampler": sampler, "steps": steps,
-                   "num_samples": num_samples, "seed": seed, "progress": False, "device": "$torch.device('cpu')",
-                   "denoiser": "@network_def" if denoiser_weights is None else parser["denoiser"],
-                   "voxelizer": "@voxelizer_def" if voxelizer_weights is None else parser["voxelizer"],
-                   **({"denoiser_weights": denoiser_weights} if denoiser_weights else {}),
-                   **({"voxelizer_weights": voxelizer_weights} if voxelizer_weights else {})})
+                   "num_samples": num_samples, "seed": seed, "progress": False, "device": "$torch.device('cpu')"})
+    # given weights load through the config's recipe check; without them, its untrained network definitions
+    for network, weights, untrained in (("denoiser", denoiser_weights, "@network_def"),
+                                        ("voxelizer", voxelizer_weights, "@voxelizer_def")):
+        parser.update({f"{network}_weights": weights} if weights else {network: untrained})
     generator = parser.get_parsed_content("inferer")
     start = time.perf_counter()
     img = load_mask(mask)
