@@ -16,9 +16,12 @@ mask is resampled into a *canonical cube* where the head sits as the training sk
 3. **size and position**: the skull's extent along left-right and front-back (its surface points and
    their mirror images, so a one-sided defect does not shrink it) against ``REFERENCE_SIZE_MM``, the
    same measure on upright training skulls; the cube is centred on the skull's bounding box.
+4. **proportions**: the skull's width, length and height relative to the canonical skull's, from a fit with one
+   scale per axis onto it (a long, narrow or flat head is seen with the canonical skull's proportions; the
+   fit's correspondences come only from the bone there is, so a defect or a mandible does not move them).
 
-Each step is equivariant: a rotated, moved or scaled copy of a skull gets the same canonical image up to
-resampling. The frame is a voxel-to-world affine, so the implant goes back onto the input grid in one
+Each step is equivariant: a rotated, moved, scaled or stretched copy of a skull gets the same canonical image up
+to resampling. The frame is a voxel-to-world affine, so the implant goes back onto the input grid in one
 resampling (:func:`scripts.data.resample.to_original_grid`). Where no frame can be estimated (too little
 bone, no mirror symmetry), the header's axes are used with a logged warning and the summary says so.
 """
@@ -29,7 +32,7 @@ import functools
 import logging
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample
 from scipy import ndimage
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from scripts.priors import sphere_directions
@@ -77,6 +81,12 @@ MIN_COVERAGE = 0.7
 TEMPLATE = Path(__file__).resolve().parents[1] / "models" / "canonical_skull.npy"
 # mean of the left-right and front-back extents (1st-99th percentile) of upright training skulls (mm)
 REFERENCE_SIZE_MM = 160.0
+# the proportions fit: alternations of a per-axis scale (least squares on correspondences within
+# FIT_DISTANCE_MM) and a rigid ICP; proportions beyond the bounds are clipped to them (a head 25 % longer
+# than wide against the canonical skull's ratio is beyond any skull's, tools/pose_study.py calibrate)
+PROPORTION_ROUNDS, SCALE_STEPS = 2, 15
+FIT_DISTANCE_MM = 8.0
+MIN_PROPORTION, MAX_PROPORTION = 0.8, 1.25
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,15 @@ class HeadFrame:
     """A skull's frame in world millimetres: ``rotation (3, 3)`` columns = its left-right, posterior-
     anterior and inferior-superior axes; ``centre (3,)`` its bounding-box centre; ``size_mm`` its
     size measure; ``residual_mm`` the median mirror-to-skull distance of the plane fit; ``source``
-    "skull" (estimated) or "header" (fallback)."""
+    "skull" (estimated) or "header" (fallback); ``proportions (3,)`` the head's width, length and height
+    against the canonical skull's at its size (the mean of the first two is 1)."""
 
     rotation: np.ndarray
     centre: np.ndarray
     size_mm: float
     residual_mm: float
     source: str
+    proportions: np.ndarray = field(default_factory=lambda: np.ones(3))
 
     def rotation_deg(self) -> list[float]:
         """The head's rotation from the header's axes as x-y-z Euler angles in degrees."""
@@ -98,7 +110,8 @@ class HeadFrame:
 
     def summary(self) -> dict:
         return {"frame": self.source, "rotation_deg": self.rotation_deg(), "frame_residual_mm": round(self.residual_mm, 3),
-                "head_size_mm": round(self.size_mm, 1), "head_scale": round(self.size_mm / REFERENCE_SIZE_MM, 4)}
+                "head_size_mm": round(self.size_mm, 1), "head_scale": round(self.size_mm / REFERENCE_SIZE_MM, 4),
+                "head_proportions": [round(float(p), 4) for p in self.proportions]}
 
 
 class SkullSurface:
@@ -271,12 +284,12 @@ def estimate_frame(mask: np.ndarray, affine: np.ndarray, seed: int = 0) -> HeadF
         logger.warning("head frame: the bone spans %.0f mm, not a whole skull (%.0f-%.0f mm), using the header's "
                        "axes", size, MIN_SCALE * REFERENCE_SIZE_MM, MAX_SCALE * REFERENCE_SIZE_MM)
         return replace(header, residual_mm=residual)
-    rotation, coverage = _fit_pitch(both, rotation, _box_centre(both, rotation), size)
+    rotation, coverage, proportions = _fit_template(both, rotation, _box_centre(both, rotation), size)
     if coverage < MIN_COVERAGE:
         logger.warning("head frame: the bone and its mirror image cover only %.0f %% of the canonical skull (< %.0f "
                        "%%), using the header's axes", 100 * coverage, 100 * MIN_COVERAGE)
         return replace(header, residual_mm=residual)
-    return HeadFrame(rotation, _box_centre(both, rotation), size, residual, "skull")
+    return HeadFrame(rotation, _box_centre(both, rotation), size, residual, "skull", proportions)
 
 
 @functools.lru_cache(maxsize=1)
@@ -288,28 +301,52 @@ def canonical_skull() -> o3d.geometry.PointCloud:
     return cloud
 
 
-def _fit_pitch(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray, size: float) -> tuple[np.ndarray, float]:
-    """``rotation`` (3, 3) with its front-back axis turned about its left-right axis to where rigid ICP of the skull's
-    points (N, 3) world mm onto the canonical skull puts it. The principal axis alone tips with a large
-    defect (up to 11 degrees on training skulls); the skull's profile (forehead, orbits, base) does not.
-    Also returns the fit's coverage: the share of the canonical skull within 8 mm of the points."""
+def _rigid_icp(source: o3d.geometry.PointCloud, target: o3d.geometry.PointCloud, distance: float,
+               transform: np.ndarray) -> np.ndarray:
+    return o3d.pipelines.registration.registration_icp(
+        source, target, distance, transform, o3d.pipelines.registration.TransformationEstimationPointToPoint(),
+        o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30)).transformation
+
+
+def _fit_template(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray,
+                  size: float) -> tuple[np.ndarray, float, np.ndarray]:
+    """Fit the skull's points (N, 3) world mm, in the frame ``rotation`` (3, 3) at ``centre`` and ``size``, onto
+    the canonical skull: rigid ICP, then alternations of one scale per canonical axis (a straight-line fit per
+    axis on the pairs within ``FIT_DISTANCE_MM``; Open3D's ICP scales only isotropically) and rigid ICP onto the
+    canonical skull shrunk by it. Returns ``rotation`` with its front-back axis turned about its left-right axis
+    to where the fit puts it (the principal axis alone tips with a large defect, up to 11 degrees on training
+    skulls; the skull's profile does not), the coverage (share of the canonical skull within 8 mm of the fitted
+    points) and the proportions (3,): the head's extent per axis against the canonical skull's, the mean of the
+    first two set to 1 (the size measure holds the rest)."""
     local = (points[:: max(1, len(points) // ICP_POINTS)] - centre) @ rotation * (REFERENCE_SIZE_MM / size)
     source = o3d.geometry.PointCloud()
     source.points = o3d.utility.Vector3dVector(local)
+    template = np.asarray(canonical_skull().points)
+    tree = cKDTree(template)
     transform = np.eye(4)
-    for distance in (20.0, 8.0):  # mm: a coarse pass, then a tight one
-        fit = o3d.pipelines.registration.registration_icp(
-            source, canonical_skull(), distance, transform,
-            o3d.pipelines.registration.TransformationEstimationPointToPoint(),
-            o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
-        transform = fit.transformation
-    fitted = o3d.geometry.PointCloud(source).transform(transform)
+    for distance in (20.0, FIT_DISTANCE_MM):  # mm: a coarse pass, then a tight one
+        transform = _rigid_icp(source, canonical_skull(), distance, transform)
+    gain, bias = np.ones(3), np.zeros(3)  # the fitted points are gain * (transform @ local) + bias
+    for _ in range(PROPORTION_ROUNDS):
+        aligned = _apply(transform, local)
+        for _ in range(SCALE_STEPS):  # nearest-point pairs move the scale slowly: many cheap steps per rigid fit
+            found, index = tree.query(aligned * gain + bias, distance_upper_bound=FIT_DISTANCE_MM)
+            pairs = np.isfinite(found)
+            for axis in range(3):
+                gain[axis], bias[axis] = np.polyfit(aligned[pairs, axis], template[index[pairs], axis], 1)
+        shrunk = o3d.geometry.PointCloud()
+        shrunk.points = o3d.utility.Vector3dVector((template - bias) / gain)
+        transform = _rigid_icp(source, shrunk, FIT_DISTANCE_MM, transform)
+    fitted = o3d.geometry.PointCloud()
+    fitted.points = o3d.utility.Vector3dVector(_apply(transform, local) * gain + bias)
     coverage = o3d.pipelines.registration.evaluate_registration(canonical_skull(), fitted, 8.0, np.eye(4)).fitness
     anterior = rotation @ transform[:3, :3].T[:, 1]  # the canonical front-back axis, in world coordinates
     normal = rotation[:, 0]
     anterior = anterior - (anterior @ normal) * normal
     anterior /= np.linalg.norm(anterior)
-    return np.stack([normal, anterior, np.cross(normal, anterior)], axis=1), float(coverage)
+    proportions = 1.0 / gain
+    proportions = np.clip(proportions / proportions[:2].mean(), MIN_PROPORTION, MAX_PROPORTION)
+    return np.stack([normal, anterior, np.cross(normal, anterior)], axis=1), float(coverage), proportions
 
 
 def _box_centre(points: np.ndarray, rotation: np.ndarray) -> np.ndarray:
@@ -326,8 +363,8 @@ def _size(points: np.ndarray, rotation: np.ndarray) -> float:
 
 def canonical_affine(frame: HeadFrame, side: int, spacing_mm: float) -> np.ndarray:
     """4x4 voxel-to-world affine of the canonical cube: ``side``^3 voxels along the frame's axes, the
-    frame's centre in the middle, voxels of ``spacing_mm`` scaled by the head's size."""
-    voxel = spacing_mm * frame.size_mm / REFERENCE_SIZE_MM
+    frame's centre in the middle, voxels of ``spacing_mm`` scaled by the head's size and proportions."""
+    voxel = spacing_mm * frame.size_mm / REFERENCE_SIZE_MM * np.asarray(frame.proportions)
     affine = np.eye(4)
     affine[:3, :3] = frame.rotation * voxel
     affine[:3, 3] = frame.centre - affine[:3, :3] @ np.full(3, (side - 1) / 2.0)

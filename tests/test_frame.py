@@ -48,6 +48,23 @@ def test_a_smaller_head_is_measured_smaller_and_sees_the_same_canonical_skull(sa
     assert dice(np.asarray(cubes[0][0]) > 0, np.asarray(cubes[1][0]) > 0) > 0.8  # voxel-thin shells, resampled twice
 
 
+@pytest.mark.parametrize("axis, factor", [(0, 0.9), (1, 1.1), (2, 1.1)])
+def test_a_stretched_head_is_measured_so_and_sees_the_same_canonical_skull(sample, axis, factor):
+    """A head 10 % narrower, longer or taller than the sample: its proportions (width, length, height; the mean
+    of the first two is 1) change by the stretch, and its canonical cube shows the upright head's."""
+    img, upright = sample
+    linear = np.eye(3)
+    linear[axis, axis] = factor
+    frame = estimate_frame(moved(img, linear), img.affine.numpy())
+    extents = upright.proportions * upright.size_mm * np.diag(linear)  # the stretched head's, in mm
+    assert np.allclose(frame.proportions, extents / extents[:2].mean(), atol=0.015)
+    assert frame.size_mm == pytest.approx(extents[:2].mean(), rel=0.015)
+    cubes = [to_canonical(MetaTensor(torch.from_numpy(m[None].astype(np.uint8)), affine=img.affine),
+                          canonical_affine(f, 144, 1.6), 144)
+             for m, f in ((np.asarray(img[0]) > 0, upright), (moved(img, linear), frame))]
+    assert dice(np.asarray(cubes[0][0]) > 0, np.asarray(cubes[1][0]) > 0) > 0.8
+
+
 def test_the_frame_does_not_depend_on_the_files_axis_order(sample):
     img, upright = sample
     array = np.transpose(np.flip(np.asarray(img[0]) > 0, axis=0), (2, 0, 1))
@@ -58,6 +75,7 @@ def test_the_frame_does_not_depend_on_the_files_axis_order(sample):
     frame = estimate_frame(array, affine)
     assert np.allclose(frame.rotation, upright.rotation, atol=1e-6)
     assert np.allclose(frame.centre, upright.centre, atol=1e-4)
+    assert np.allclose(frame.proportions, upright.proportions, atol=1e-6)
 
 
 def test_a_fragment_falls_back_to_the_header_with_a_warning(sample, caplog):
@@ -87,10 +105,10 @@ def test_canonical_framed_resamples_into_a_cube_and_records_the_frame(sample):
     assert out["image"].dtype == torch.uint8
     assert out["frame"]["frame"] == "skull" and len(out["frame"]["rotation_deg"]) == 3
     assert out["frame"]["seconds"] > 0
-    # the cube's voxels are 3.2 mm scaled by the head's size, along the head's axes
-    assert np.allclose(np.asarray(out["image"].affine)[:3, :3],
-                       upright.rotation * 3.2 * out["frame"]["head_scale"], atol=1e-3)
-    bone_ml = float(out["image"].sum()) * (3.2 * out["frame"]["head_scale"]) ** 3 / 1000
+    # the cube's voxels are 3.2 mm scaled by the head's size and proportions, along the head's axes
+    voxel = 3.2 * out["frame"]["head_scale"] * np.array(out["frame"]["head_proportions"])
+    assert np.allclose(np.asarray(out["image"].affine)[:3, :3], upright.rotation * voxel, atol=1e-3)
+    bone_ml = float(out["image"].sum()) * np.prod(voxel) / 1000
     assert bone_ml == pytest.approx(float(img.sum()) * 1.6**3 / 1000, rel=0.15)
 
 

@@ -36,7 +36,7 @@ from scipy.spatial.transform import Rotation
 
 from scripts.cases import case_datalist, predict_case
 from scripts.data.synthetic import SKULLBREAK_DEFECTS, skullbreak_case
-from scripts.frame import REFERENCE_SIZE_MM, SkullSurface, _fit_pitch, estimate_frame, to_canonical
+from scripts.frame import REFERENCE_SIZE_MM, SkullSurface, _fit_template, estimate_frame, to_canonical
 from scripts.io import load_mask, save_mask
 from scripts.metrics import boundary_dice, dice, hd95
 
@@ -156,7 +156,8 @@ def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, ma
                     (folder / "summary.json").write_text(json.dumps(summary))
             implant = None if "refused" in summary else folder / "implant.nii.gz"
             rows.append({**case, "setting": setting, "refused": "refused" in summary, **score(implant, case),
-                         **{k: summary.get(k) for k in ("rotation_deg", "frame", "head_scale", "frame_residual_mm")},
+                         **{k: summary.get(k) for k in ("rotation_deg", "frame", "head_scale", "head_proportions",
+                                                        "frame_residual_mm")},
                          "frame_s": summary.get("timings_s", {}).get("frame")})
             print(f"{setting} {case['name']}: DSC {rows[-1]['dsc']:.3f}", flush=True)
         for row in rows:  # the resampling floor: the upright implant moved like each copy
@@ -202,7 +203,7 @@ def _mirrored(points: np.ndarray, frame) -> np.ndarray:
 def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
     """The frame constants on upright training skulls (generator seed 0): the pitch of the estimated
     long axis against the generator's own skull frame, and the size measure (REFERENCE_SIZE_MM)."""
-    pitches, sizes, times, fitness = [], [], [], []
+    pitches, sizes, times, fitness, proportions = [], [], [], [], []
     for skull_id in range(num_skulls):
         case = skullbreak_case(skull_id, size=size, seed=seed)
         for defect in SKULLBREAK_DEFECTS:
@@ -212,7 +213,8 @@ def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
             times.append(time.perf_counter() - start)
             points = SkullSurface(defective, case.affine).points
             points = np.concatenate([points, _mirrored(points, frame)])
-            fitness.append(_fit_pitch(points, frame.rotation, frame.centre, frame.size_mm)[1])
+            fitness.append(_fit_template(points, frame.rotation, frame.centre, frame.size_mm)[1])
+            proportions.append(frame.proportions)
             relative = case.skull.rotation.T @ frame.rotation  # estimated axes in the skull's own frame
             pitches.append(float(np.degrees(np.arctan2(relative[2, 1], relative[1, 1]))))
             sizes.append(frame.size_mm)
@@ -220,7 +222,8 @@ def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
           f"(IQR {np.percentile(pitches, 25):+.2f}..{np.percentile(pitches, 75):+.2f}); size: median "
           f"{np.median(sizes):.1f} mm (IQR {np.percentile(sizes, 25):.1f}..{np.percentile(sizes, 75):.1f}), "
           f"REFERENCE_SIZE_MM now {REFERENCE_SIZE_MM}; template coverage min {min(fitness):.3f}; estimate "
-          f"{np.median(times):.2f} s median")
+          f"{np.median(times):.2f} s median; proportions (width, length, height) 1st-99th percentile "
+          f"{np.percentile(proportions, 1, axis=0).round(3)} - {np.percentile(proportions, 99, axis=0).round(3)}")
 
 
 def planes(split: str = "train", split_file: str = "configs/splits/synthetic_wide.json", seed: int = 0,
