@@ -81,9 +81,9 @@ MIN_COVERAGE = 0.7
 TEMPLATE = Path(__file__).resolve().parents[1] / "models" / "canonical_skull.npy"
 # mean of the left-right and front-back extents (1st-99th percentile) of upright training skulls (mm)
 REFERENCE_SIZE_MM = 160.0
-# the proportions fit: alternations of a per-axis scale (least squares on correspondences within
-# FIT_DISTANCE_MM) and a rigid ICP; proportions beyond the bounds are clipped to them (a head 25 % longer
-# than wide against the canonical skull's ratio is beyond any skull's, tools/pose_study.py calibrate)
+# the proportions fit: rounds of SCALE_STEPS per-axis scale fits (least squares on the point pairs within
+# FIT_DISTANCE_MM) and one rigid ICP; proportions beyond the bounds are clipped to them (the widened training
+# skulls span 0.90-1.11, 1st-99th percentile: tools/pose_study.py calibrate --head_scale ... --head_stretch 0.1)
 PROPORTION_ROUNDS, SCALE_STEPS = 2, 15
 FIT_DISTANCE_MM = 8.0
 MIN_PROPORTION, MAX_PROPORTION = 0.8, 1.25

@@ -15,6 +15,7 @@ rotated and turned back, two resamplings in the upright pose, against the untouc
     python -m tools.pose_study run --output_dir runs/pose_mirror --settings alone --preset small_mirror \
         --denoiser_weights <exported EMA weights>   # another denoiser, the diffusion sample alone
     python -m tools.pose_study calibrate --num_skulls 10      # the frame constants, on training skulls
+    python -m tools.pose_study calibrate --head_scale "[0.8,1.05]" --head_stretch 0.1   # on the widened ones
     python -m tools.pose_study planes --split train           # mid-sagittal plane errors, on training skulls
 
 ``run`` prints a markdown table (mean per variant and setting, and the differences to upright case by case)
@@ -200,12 +201,15 @@ def _mirrored(points: np.ndarray, frame) -> np.ndarray:
     return local @ frame.rotation.T + frame.centre
 
 
-def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128):
-    """The frame constants on upright training skulls (generator seed 0): the pitch of the estimated
-    long axis against the generator's own skull frame, and the size measure (REFERENCE_SIZE_MM)."""
+def calibrate(num_skulls: int = 10, seed: int = 0, size: int = 128, head_scale: tuple[float, float] | None = None,
+              head_stretch: float = 0.0):
+    """The frame constants on upright training skulls (generator seed 0; ``head_scale`` / ``head_stretch`` as
+    the widened training skulls were made): the pitch of the estimated long axis against the generator's own
+    skull frame, the size measure (REFERENCE_SIZE_MM) and the range of the proportions."""
     pitches, sizes, times, fitness, proportions = [], [], [], [], []
     for skull_id in range(num_skulls):
-        case = skullbreak_case(skull_id, size=size, seed=seed)
+        case = skullbreak_case(skull_id, size=size, seed=seed, head_scale=None if head_scale is None else tuple(head_scale),
+                               head_stretch=head_stretch)
         for defect in SKULLBREAK_DEFECTS:
             defective, _ = case.defect(defect)
             start = time.perf_counter()
