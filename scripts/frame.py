@@ -345,7 +345,11 @@ def _fit_template(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray,
     anterior = anterior - (anterior @ normal) * normal
     anterior /= np.linalg.norm(anterior)
     proportions = 1.0 / gain
-    proportions = np.clip(proportions / proportions[:2].mean(), MIN_PROPORTION, MAX_PROPORTION)
+    proportions = proportions / proportions[:2].mean()
+    if np.any((proportions < MIN_PROPORTION) | (proportions > MAX_PROPORTION)):
+        logger.warning("head frame: proportions (width, length, height) %s beyond %.2f-%.2f, clipped",
+                       np.round(proportions, 3).tolist(), MIN_PROPORTION, MAX_PROPORTION)
+        proportions = np.clip(proportions, MIN_PROPORTION, MAX_PROPORTION)
     return np.stack([normal, anterior, np.cross(normal, anterior)], axis=1), float(coverage), proportions
 
 

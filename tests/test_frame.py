@@ -65,6 +65,14 @@ def test_a_stretched_head_is_measured_so_and_sees_the_same_canonical_skull(sampl
     assert dice(np.asarray(cubes[0][0]) > 0, np.asarray(cubes[1][0]) > 0) > 0.8
 
 
+def test_proportions_beyond_any_skulls_are_clipped_with_a_warning(sample, caplog):
+    img, _ = sample
+    with caplog.at_level(logging.WARNING, logger="scripts.frame"):
+        frame = estimate_frame(moved(img, np.diag([1.0, 1.0, 1.45])), img.affine.numpy())
+    assert frame.source == "skull" and frame.proportions[2] == pytest.approx(1.25)
+    assert "clipped" in caplog.text
+
+
 def test_the_frame_does_not_depend_on_the_files_axis_order(sample):
     img, upright = sample
     array = np.transpose(np.flip(np.asarray(img[0]) > 0, axis=0), (2, 0, 1))
