@@ -18,8 +18,9 @@ rotated and turned back, two resamplings in the upright pose, against the untouc
     python -m tools.pose_study calibrate --head_scale "[0.8,1.05]" --head_stretch 0.1   # on the widened ones
     python -m tools.pose_study planes --split train           # mid-sagittal plane errors, on training skulls
 
-``run`` prints a markdown table (mean per variant and setting, and the differences to upright case by case)
-and writes ``<output_dir>/pose.json``; finished cases are read back, so an interrupted study resumes.
+``run`` prints markdown tables (means per variant and setting, the paired differences to upright with their
+standard error, and DSC case by case) and writes ``<output_dir>/pose.json`` (``report`` prints its tables again);
+finished cases are read back, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -167,14 +168,25 @@ def run(output_dir: str = "runs/pose", num_skulls: int = 2, seed: int = 2027, ma
                 row["floor"] = score(upright, row, move_upright=True)
     report = {"seed": seed, "num_skulls": num_skulls, "max_deg": max_deg, "rows": rows}
     (out / "pose.json").write_text(json.dumps(report, indent=1, default=float))
-    print(markdown(rows))
+    print(tables(rows))
+
+
+def tables(rows: list[dict]) -> str:
+    """:func:`markdown`, then :func:`case_table` for each setting."""
+    return "\n".join([markdown(rows)] + [f"\nDSC case by case, {setting}:\n{case_table(rows, setting)}"
+                                         for setting in dict.fromkeys(r["setting"] for r in rows)])
+
+
+def report(output_dir: str = "runs/pose"):
+    """The tables of a finished study, from ``<output_dir>/pose.json``."""
+    print(tables(json.loads((Path(output_dir) / "pose.json").read_text())["rows"]))
 
 
 def markdown(rows: list[dict]) -> str:
     """Mean DSC / bDSC / HD95 per setting and variant, the paired differences to upright, and those of the
     resampling floor (the upright implant moved like the copy)."""
-    lines = ["| setting | variant | DSC | bDSC | HD95 mm | dDSC vs upright | dbDSC | dHD95 | refused | "
-             "floor: dDSC / dbDSC / dHD95 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | variant | DSC | bDSC | HD95 mm | dDSC vs upright | dbDSC | dHD95 | SE of dDSC | refused | "
+             "floor: dDSC / dbDSC / dHD95 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         upright = {(r["skull"], r["defect"]): r for r in rows if r["setting"] == setting and r["variant"] == "upright"}
         for kind in VARIANTS:
@@ -190,7 +202,19 @@ def markdown(rows: list[dict]) -> str:
                 floor = f"{lost['dsc']:+.3f} / {lost['bdsc']:+.3f} / {lost['hd95']:+.2f}"
             lines.append(f"| {setting} | {kind} | {mean('dsc'):.3f} | {mean('bdsc'):.3f} | {mean('hd95'):.2f} | "
                          f"{diff('dsc').mean():+.3f} | {diff('bdsc').mean():+.3f} | {np.nanmean(diff('hd95')):+.2f} | "
+                         f"{diff('dsc').std(ddof=1) / np.sqrt(len(sel)) if len(sel) > 1 else float('nan'):.3f} | "
                          f"{sum(r['refused'] for r in sel)}/{len(sel)} | {floor} |")
+    return "\n".join(lines)
+
+
+def case_table(rows: list[dict], setting: str) -> str:
+    """DSC of every skull x defect class of ``setting`` (rows) in each variant (columns)."""
+    kinds = [k for k in VARIANTS if any(r["setting"] == setting and r["variant"] == k for r in rows)]
+    dsc = {(r["skull"], r["defect"], r["variant"]): r["dsc"] for r in rows if r["setting"] == setting}
+    lines = ["| skull, defect | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for skull, defect in sorted({(r["skull"], r["defect"]) for r in rows if r["setting"] == setting}):
+        lines.append(f"| {skull}, {defect} | " + " | ".join(f"{dsc.get((skull, defect, k), float('nan')):.3f}"
+                                                           for k in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -271,4 +295,4 @@ def planes(split: str = "train", split_file: str = "configs/splits/synthetic_wid
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "calibrate": calibrate, "planes": planes})
+    fire.Fire({"run": run, "report": report, "calibrate": calibrate, "planes": planes})
