@@ -332,6 +332,8 @@ def _fit_template(points: np.ndarray, rotation: np.ndarray, centre: np.ndarray,
         for _ in range(SCALE_STEPS):  # nearest-point pairs move the scale slowly: many cheap steps per rigid fit
             found, index = tree.query(aligned * gain + bias, distance_upper_bound=FIT_DISTANCE_MM)
             pairs = np.isfinite(found)
+            if pairs.sum() < MIN_POINTS:  # too little bone near the canonical skull: the coverage guard decides
+                break
             for axis in range(3):
                 gain[axis], bias[axis] = np.polyfit(aligned[pairs, axis], template[index[pairs], axis], 1)
         shrunk = o3d.geometry.PointCloud()
